@@ -1,0 +1,1 @@
+"""Signaling servers and clients (rendezvous by public key)."""

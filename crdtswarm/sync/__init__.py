@@ -1,0 +1,1 @@
+"""CRDT replication (Yjs sync protocol, replicas, the directory)."""
