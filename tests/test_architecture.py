@@ -34,7 +34,9 @@ FORBIDDEN_IN_SANS_IO = ("anyio", "asyncio", "aiortc", "aioice", "socket", "trio"
 
 
 def layer_of(module: str) -> int:
-    best = max((name for name in LAYERS if module == name or module.startswith(name + ".")), key=len)
+    best = max(
+        (name for name in LAYERS if module == name or module.startswith(name + ".")), key=len
+    )
     return LAYERS[best]
 
 
