@@ -1,5 +1,48 @@
-"""crdtswarm: a peer-to-peer swarm with end-to-end encrypted links and Yjs CRDT replication."""
+"""crdtswarm: a peer-to-peer swarm with end-to-end encrypted links and Yjs CRDT replication.
 
-from crdtswarm.identity import Identity, PublicKey
+Start with `Swarm`::
 
-__all__ = ["Identity", "PublicKey"]
+    async with Swarm(transports=[TcpTransport()]) as node:
+        peer = await node.call(other_key, address="tcp://127.0.0.1:4242")
+        rtt = await peer.ping()
+"""
+
+from crdtswarm.errors import (
+    ConnectError,
+    CrdtSwarmError,
+    ErrorCode,
+    HandshakeError,
+    IdentityMismatchError,
+    ProtocolError,
+    RpcError,
+    RpcTimeoutError,
+    StreamResetError,
+)
+from crdtswarm.identity import Identity, IdentityFileError, InvalidKeyError, PublicKey
+from crdtswarm.mux import MuxStream as Stream
+from crdtswarm.peer import Peer, PeerStatistics
+from crdtswarm.swarm import PeerConnected, PeerDisconnected, Swarm, SwarmConfig, SwarmEvent
+
+__all__ = [
+    "ConnectError",
+    "CrdtSwarmError",
+    "ErrorCode",
+    "HandshakeError",
+    "Identity",
+    "IdentityFileError",
+    "IdentityMismatchError",
+    "InvalidKeyError",
+    "Peer",
+    "PeerConnected",
+    "PeerDisconnected",
+    "PeerStatistics",
+    "ProtocolError",
+    "PublicKey",
+    "RpcError",
+    "RpcTimeoutError",
+    "Stream",
+    "StreamResetError",
+    "Swarm",
+    "SwarmConfig",
+    "SwarmEvent",
+]

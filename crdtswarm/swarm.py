@@ -1,0 +1,542 @@
+"""`Swarm`: the object applications use.
+
+A swarm node listens on its transports, dials other nodes by public key (and an
+address where the transport needs one), authenticates every link with the Noise
+handshake, multiplexes it, and keeps at most one link per remote node.
+
+Lifecycle: ``async with Swarm(...) as node:`` starts the transports; leaving the
+block closes every link gracefully, stops the transports and leaves no task,
+socket or file behind.
+
+Duplicate links: when two nodes call each other at the same moment, both keep the
+link that the node with the smaller public key dialled (`crdtswarm.peer` computes
+the rule) and close the other; applications see one `PeerConnected`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from crdtswarm.errors import (
+    ConnectError,
+    ErrorCode,
+    RemoteProtocolError,
+    UnsupportedBackendError,
+)
+from crdtswarm.identity import Identity, PublicKey
+from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
+from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
+from crdtswarm.protocol.mux import MuxConfig
+from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
+from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
+from crdtswarm.secure import SecureChannel, establish
+
+if TYPE_CHECKING:
+    import os
+
+    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+    from crdtswarm.transport.abc import Link, Transport
+
+__all__ = [
+    "PeerConnected",
+    "PeerDisconnected",
+    "Swarm",
+    "SwarmConfig",
+    "SwarmEvent",
+]
+
+logger = logging.getLogger(__name__)
+
+AppStreamHandler = Callable[[MuxStream, PublicKey], Awaitable[None]]
+"""``async def handler(stream, remote_key)``: serves one incoming application stream."""
+
+_IDENTITY_FILE = "identity.key"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SwarmConfig:
+    """Tuning of a `Swarm`; every field has a sensible default."""
+
+    handshake_timeout: float = 10.0
+    """Seconds an incoming or outgoing handshake may take (default 10)."""
+    max_pending_handshakes: int = 64
+    """Incoming handshakes in progress at once; more links are dropped at once (default 64)."""
+    keepalive_interval: float = 5.0
+    """Seconds of silence on a link before we ping it (default 5)."""
+    peer_timeout: float = 20.0
+    """Seconds of silence after which a peer is declared dead (default 20)."""
+    stream_window_size: int = 256 * 1024
+    """Per-stream flow-control window in bytes: the most unread data per stream (256 KiB)."""
+    max_streams_per_peer: int = 256
+    """Concurrent substreams a peer may open to us (default 256)."""
+    event_queue_size: int = 1024
+    """Events buffered per `Swarm.events` subscriber before new ones are dropped (1024)."""
+    close_timeout: float = 2.0
+    """Seconds `Swarm` waits for links to close gracefully on exit (default 2)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerConnected:
+    """A direct link to ``public_key`` came up."""
+
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerDisconnected:
+    """The direct link to ``public_key`` went down; ``reason`` says why."""
+
+    public_key: PublicKey
+    reason: str
+
+
+SwarmEvent = PeerConnected | PeerDisconnected
+
+
+class _Subscription:
+    """One `Swarm.events` iterator: a bounded queue of events."""
+
+    def __init__(self, size: int) -> None:
+        send: MemoryObjectSendStream[SwarmEvent]
+        receive: MemoryObjectReceiveStream[SwarmEvent]
+        send, receive = anyio.create_memory_object_stream[SwarmEvent](size)
+        self._send = send
+        self._receive = receive
+        self.dropped = 0
+
+    def push(self, event: SwarmEvent) -> None:
+        try:
+            self._send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("an events() subscriber is not reading: %d dropped", self.dropped)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def close(self) -> None:
+        self._send.close()
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> SwarmEvent:
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self._send.close()
+        self._receive.close()
+        await anyio.lowlevel.checkpoint()
+
+    def __del__(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+
+class Swarm(anyio.AsyncContextManagerMixin):
+    """A node of the swarm. Use it with ``async with``.
+
+    Args:
+        identity: this node's keypair; None loads ``data_dir/identity.key`` (creating
+            it on first use) or, without ``data_dir``, generates a fresh one.
+        transports: how to reach and be reached; None uses a `TcpTransport` on
+            127.0.0.1 with an ephemeral port.
+        signaling: signaling server URLs (not used yet: WebRTC is not built).
+        swarm_key: a 32-byte pre-shared key that makes the swarm private: nodes
+            without it cannot complete a handshake with nodes that have it.
+        data_dir: where the identity (and later the docs) persist; None: memory only.
+        config: tuning, see `SwarmConfig`.
+    """
+
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        transports: Sequence[Transport] | None = None,
+        signaling: Sequence[str] = (),
+        swarm_key: bytes | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        config: SwarmConfig | None = None,
+    ) -> None:
+        if swarm_key is not None and len(swarm_key) != 32:
+            raise ValueError(f"swarm_key must be 32 bytes, got {len(swarm_key)}")
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._identity = identity if identity is not None else self._load_identity()
+        if transports is None:
+            from crdtswarm.transport.tcp import TcpTransport  # default transport
+
+            transports = [TcpTransport()]
+        if not transports:
+            raise ValueError("a swarm needs at least one transport")
+        self._transports = list(transports)
+        self._signaling = tuple(signaling)
+        self._swarm_key = swarm_key
+        self._config = config or SwarmConfig()
+        self._mux_config = MuxConfig(
+            initial_window_size=self._config.stream_window_size,
+            max_streams=self._config.max_streams_per_peer,
+            keepalive_interval=self._config.keepalive_interval,
+            keepalive_timeout=self._config.peer_timeout,
+        )
+        self._peers: dict[PublicKey, Peer] = {}
+        self._stream_handlers: dict[str, AppStreamHandler] = {}
+        self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
+        self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
+        self._dials: dict[PublicKey, anyio.Event] = {}
+        self._pending_handshakes = 0
+        self._addresses: list[str] = []
+        self._task_group: TaskGroup | None = None
+        self._log = logging.LoggerAdapter(logger, {"node": self.public_key.short})
+
+    def _load_identity(self) -> Identity:
+        if self._data_dir is None:
+            return Identity.generate()
+        path = self._data_dir / _IDENTITY_FILE
+        if path.exists():
+            return Identity.load(path)
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        identity = Identity.generate()
+        identity.save(path)
+        return identity
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Swarm]:
+        _check_backend()
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            try:
+                for transport in self._transports:
+                    addresses = await tg.start(
+                        transport.serve, self.public_key, self._on_incoming_link
+                    )
+                    self._addresses.extend(addresses)
+                self._log.info("node %s up at %s", self.public_key, self._addresses or "-")
+                yield self
+            finally:
+                await self._shutdown()
+                tg.cancel_scope.cancel()
+        self._task_group = None
+
+    async def _shutdown(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.close_timeout):
+            async with anyio.create_task_group() as tg:
+                for peer in list(self._peers.values()):
+                    tg.start_soon(peer.aclose)
+        for subscription in list(self._subscriptions):
+            subscription.close()
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        """This node's keypair."""
+        return self._identity
+
+    @property
+    def public_key(self) -> PublicKey:
+        """This node's public key: its address in the swarm."""
+        return self._identity.public_key
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where this node can be dialled directly, e.g. ``["tcp://127.0.0.1:4242"]``."""
+        return list(self._addresses)
+
+    @property
+    def peers(self) -> dict[PublicKey, Peer]:
+        """The nodes this node has a direct link to now (a snapshot)."""
+        return {key: peer for key, peer in self._peers.items() if peer.is_connected}
+
+    @property
+    def config(self) -> SwarmConfig:
+        """This node's tuning."""
+        return self._config
+
+    # -- events ----------------------------------------------------------------------
+
+    def events(self) -> AsyncIterator[SwarmEvent]:
+        """Subscribe to `PeerConnected` / `PeerDisconnected` events from now on.
+
+        Each call returns an independent iterator with a bounded queue
+        (`SwarmConfig.event_queue_size`); a subscriber that does not read loses
+        new events (logged). Iteration ends when the swarm closes.
+        """
+        subscription = _Subscription(self._config.event_queue_size)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def _emit(self, event: SwarmEvent) -> None:
+        self._log.info("%s %s", type(event).__name__, event.public_key.short)
+        for subscription in list(self._subscriptions):
+            subscription.push(event)
+
+    # -- handlers --------------------------------------------------------------------
+
+    def handle(self, protocol: str, handler: AppStreamHandler) -> None:
+        """Serve incoming streams opened for ``protocol`` with ``handler(stream, remote_key)``.
+
+        The stream is closed when the handler returns; an exception in the handler
+        resets the stream and is logged. Registering again replaces the handler.
+
+        Raises:
+            ValueError: if the protocol name is empty or longer than 59 bytes.
+        """
+        if (
+            not protocol
+            or len((APP_PREFIX + protocol).encode()) > self._mux_config.max_protocol_name_size
+        ):
+            raise ValueError(f"protocol names are 1 to 59 bytes: {protocol!r}")
+        self._stream_handlers[protocol] = handler
+
+    def handle_rpc(self, method: str, handler: RpcHandler) -> None:
+        """Answer RPC calls to ``method`` with ``await handler(payload, remote_key)``.
+
+        The handler returns the answer's bytes; raising `crdtswarm.errors.RpcError`
+        sends its code and message; any other exception answers ``INTERNAL_ERROR``.
+        """
+        if method.startswith("crdtswarm."):
+            raise ValueError("method names starting with 'crdtswarm.' are reserved")
+        self._rpc_handlers[method] = handler
+
+    # -- dialling --------------------------------------------------------------------
+
+    async def call(
+        self, public_key: PublicKey | str, address: str | None = None, timeout: float = 30.0
+    ) -> Peer:
+        """Link to the node ``public_key`` (at ``address`` when given) and return its `Peer`.
+
+        Returns at once when a link is already up. Concurrent calls to the same
+        node share one attempt.
+
+        Raises:
+            TimeoutError: no authenticated link within ``timeout`` seconds.
+            ConnectError: no transport could reach the node, or the handshake
+                failed; ``__cause__`` has the last underlying error.
+            crdtswarm.errors.IdentityMismatchError: (as ``__cause__`` of
+                ConnectError) the address answered with another identity.
+            ValueError: the key is malformed, is our own, or no transport
+                understands ``address``.
+        """
+        key = PublicKey.parse(public_key) if isinstance(public_key, str) else public_key
+        if key == self.public_key:
+            raise ValueError("a node cannot call itself")
+        candidates = [t for t in self._transports if t.can_dial(address)]
+        if address is not None and not candidates:
+            raise ValueError(f"no transport of this node can dial {address!r}")
+        self._require_running()
+        with anyio.fail_after(timeout):
+            while True:
+                peer = self._peers.get(key)
+                if peer is not None and peer.is_connected:
+                    return peer
+                pending = self._dials.get(key)
+                if pending is None:
+                    break
+                await pending.wait()
+                if key in self._peers and self._peers[key].is_connected:
+                    return self._peers[key]
+                # the shared attempt failed: try ourselves (maybe with another address)
+            done = self._dials[key] = anyio.Event()
+            try:
+                return await self._dial(key, address, candidates)
+            finally:
+                del self._dials[key]
+                done.set()
+
+    async def _dial(self, key: PublicKey, address: str | None, transports: list[Transport]) -> Peer:
+        if not transports:
+            raise ConnectError(
+                f"no address known for {key.short}: pass address= (one of {key.short}'s "
+                f"node.addresses) or use a transport that dials by key"
+            )
+        error: BaseException | None = None
+        for transport in transports:
+            try:
+                link = await transport.dial(key, address)
+            except (ConnectError, OSError) as exc:
+                self._log.debug("dial %s via %s failed: %s", key.short, transport.scheme, exc)
+                error = exc
+                continue
+            try:
+                channel = await establish(
+                    link,
+                    self._identity,
+                    initiator=True,
+                    expected_remote=key,
+                    swarm_key=self._swarm_key,
+                    timeout=self._config.handshake_timeout,
+                )
+            except (
+                RemoteProtocolError,
+                anyio.BrokenResourceError,
+                anyio.EndOfStream,
+                anyio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                self._log.info("handshake with %s failed: %s", key.short, exc)
+                error = exc
+                continue
+            task_group = self._require_running()
+            peer: Peer = await task_group.start(self._run_connection, channel)
+            return peer
+        raise ConnectError(f"could not link to {key.short}: {error}") from error
+
+    def _require_running(self) -> TaskGroup:
+        if self._task_group is None:
+            raise RuntimeError("the swarm is not running: use `async with Swarm(...)`")
+        return self._task_group
+
+    # -- streams ---------------------------------------------------------------------
+
+    async def open_stream(self, public_key: PublicKey | str, protocol: str) -> MuxStream:
+        """Open an application stream to ``public_key`` for ``protocol``.
+
+        Links to the node first when needed (by key, on transports that can).
+
+        Raises:
+            ConnectError: the node cannot be reached.
+            crdtswarm.errors.StreamResetError: (on first use of the stream) the node
+                has no handler for ``protocol``.
+        """
+        key = PublicKey.parse(public_key) if isinstance(public_key, str) else public_key
+        peer = self._peers.get(key)
+        if peer is None or not peer.is_connected:
+            peer = await self.call(key)
+        return await peer.open_stream(protocol)
+
+    # -- incoming links ----------------------------------------------------------------
+
+    async def _on_incoming_link(self, link: Link) -> None:
+        if self._pending_handshakes >= self._config.max_pending_handshakes:
+            self._log.warning("too many handshakes in progress: dropping an incoming link")
+            await anyio.aclose_forcefully(link)
+            return
+        self._pending_handshakes += 1
+        try:
+            channel = await establish(
+                link,
+                self._identity,
+                initiator=False,
+                swarm_key=self._swarm_key,
+                timeout=self._config.handshake_timeout,
+            )
+        except (
+            RemoteProtocolError,
+            TimeoutError,
+            anyio.BrokenResourceError,
+            anyio.EndOfStream,
+            anyio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            self._log.info("incoming handshake failed: %s", exc or type(exc).__name__)
+            return
+        finally:
+            self._pending_handshakes -= 1
+        await self._run_connection(channel)
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _run_connection(
+        self,
+        channel: SecureChannel,
+        *,
+        task_status: TaskStatus[Peer] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        key = channel.remote_key
+        peer = self._peers.get(key)
+        if peer is not None and peer.is_connected:
+            if peer._is_preferred_link or not _is_preferred(channel):
+                self._log.debug("duplicate link with %s: keeping the existing one", key.short)
+                await channel.aclose()
+                task_status.started(peer)
+                return
+        elif peer is None:
+            peer = self._peers[key] = Peer(key, rpc_handlers=self._rpc_handlers)
+        reason = "link closed"
+        connection: _Connection | None = None
+        try:
+            mux = MuxConnection(
+                channel,
+                is_initiator=channel.is_initiator,
+                accept=lambda protocol: self._accept(peer, protocol),
+                config=dataclasses.replace(
+                    self._mux_config,
+                    max_message_size=channel.max_message_size,
+                    max_pending_frames_size=2 * channel.max_message_size,
+                ),
+                name=key.short,
+            )
+            async with mux, anyio.create_task_group() as tg:
+                connection = _Connection(channel, mux, tg)
+                old = peer._attach(connection)
+                task_status.started(peer)
+                if old is not None and not old.mux.is_closed:
+                    self._log.debug("duplicate link with %s: replacing the older one", key.short)
+                    tg.start_soon(old.mux.aclose, ErrorCode.NO_ERROR, "duplicate link")
+                elif old is None:
+                    self._emit(PeerConnected(public_key=key))
+                await mux.wait_closed()
+                reason = _describe(mux.error)
+                tg.cancel_scope.cancel()
+        finally:
+            if connection is not None and peer._detach(connection):
+                if self._peers.get(key) is peer:
+                    del self._peers[key]
+                self._emit(PeerDisconnected(public_key=key, reason=reason))
+
+    def _accept(self, peer: Peer, protocol: str) -> StreamHandler | None:
+        if protocol == RPC_PROTOCOL:
+            return lambda stream: self._serve_rpc(stream, peer.public_key)
+        if protocol.startswith(APP_PREFIX):
+            handler = self._stream_handlers.get(protocol[len(APP_PREFIX) :])
+            if handler is not None:
+                return lambda stream: handler(stream, peer.public_key)
+        return None
+
+    async def _serve_rpc(self, stream: MuxStream, remote_key: PublicKey) -> None:
+        async with anyio.create_task_group() as tg:
+            channel = RpcChannel(
+                stream, remote_key=remote_key, handlers=self._rpc_handlers, task_group=tg
+            )
+            await channel.serve()
+            tg.cancel_scope.cancel()
+
+
+async def _echo(payload: bytes, remote_key: PublicKey) -> bytes:
+    return payload
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "link closed"
+    if isinstance(error, TimeoutError):
+        return "keepalive timeout"
+    cause = error.__cause__
+    text = str(error) or type(error).__name__
+    if cause is not None and str(cause):
+        text += f": {cause}"
+    return text
+
+
+def _check_backend() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise UnsupportedBackendError(
+            "crdtswarm needs anyio's asyncio backend (aiortc is asyncio-only)"
+        ) from None

@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from crdtswarm import (
+    ConnectError,
+    ErrorCode,
+    HandshakeError,
+    Identity,
+    IdentityMismatchError,
+    PeerConnected,
+    PeerDisconnected,
+    PublicKey,
+    RpcError,
+    RpcTimeoutError,
+    Stream,
+    StreamResetError,
+    Swarm,
+    SwarmConfig,
+    SwarmEvent,
+)
+from crdtswarm.testing import SimulatedNetwork
+from crdtswarm.transport.tcp import TcpTransport
+
+WAIT = 10.0
+
+
+async def next_event(events: AsyncIterator[SwarmEvent], kind: type) -> SwarmEvent:
+    with anyio.fail_after(WAIT):
+        async for event in events:
+            if isinstance(event, kind):
+                return event
+    raise AssertionError("event stream ended")
+
+
+async def echo(stream: Stream, remote: PublicKey) -> None:
+    while True:
+        try:
+            data = await stream.receive()
+        except anyio.EndOfStream:
+            return
+        await stream.send(data)
+
+
+async def test_call_by_key_on_the_simulated_network(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=1)
+    async with (
+        Swarm(alice, [net.transport()]) as a,
+        Swarm(bob, [net.transport()]) as b,
+    ):
+        a_events, b_events = a.events(), b.events()
+        peer = await a.call(bob.public_key)
+        assert peer.public_key == bob.public_key
+        assert (await next_event(a_events, PeerConnected)).public_key == bob.public_key
+        assert (await next_event(b_events, PeerConnected)).public_key == alice.public_key
+        assert set(a.peers) == {bob.public_key}
+        assert set(b.peers) == {alice.public_key}
+        assert await a.call(str(bob.public_key)) is peer  # already linked: same Peer
+
+
+async def test_ping_feeds_smoothed_rtt(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=1)
+    async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]):
+        net.set_latency(alice.public_key, bob.public_key, 0.010)
+        peer = await a.call(bob.public_key)
+        assert peer.rtt is None
+        samples = [await peer.ping() for _ in range(3)]
+        assert all(s >= 0.020 for s in samples)  # two one-way trips of 10 ms
+        assert peer.rtt is not None
+        assert min(samples) <= peer.rtt <= max(samples)
+
+
+async def test_streams_echo_and_unknown_protocol(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=2)
+    async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]) as b:
+        b.handle("echo", echo)
+        stream = await a.open_stream(bob.public_key, "echo")
+        await stream.send(b"hi")
+        assert await stream.receive() == b"hi"
+        await stream.send_eof()
+        with pytest.raises(anyio.EndOfStream):
+            await stream.receive()
+        await stream.aclose()
+
+        nobody = await a.open_stream(bob.public_key, "nobody-serves-this")
+        with pytest.raises(StreamResetError) as info:
+            await nobody.receive()
+        assert info.value.code == ErrorCode.UNKNOWN_PROTOCOL
+        assert "nobody-serves-this" in info.value.message
+
+
+async def test_a_slow_reader_does_not_stall_other_streams(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=3)
+    stalled = anyio.Event()
+
+    async def never_reads(stream: Stream, remote: PublicKey) -> None:
+        await stalled.wait()
+
+    async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]) as b:
+        b.handle("echo", echo)
+        b.handle("stuck", never_reads)
+        stuck = await a.open_stream(bob.public_key, "stuck")
+        window = a.config.stream_window_size
+        with anyio.move_on_after(0.5) as scope:
+            for _ in range(4 * window // 65536):
+                await stuck.send(bytes(65536))
+        assert scope.cancelled_caught, "the sender should block once the window is used"
+        stream = await a.open_stream(bob.public_key, "echo")
+        with anyio.fail_after(WAIT):
+            await stream.send(b"still flowing")
+            assert await stream.receive() == b"still flowing"
+        stalled.set()
+
+
+async def test_rpc_answers_errors_and_timeouts(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=4)
+    cancelled = anyio.Event()
+
+    async def upper(payload: bytes, remote: PublicKey) -> bytes:
+        assert remote == alice.public_key
+        return payload.upper()
+
+    async def fail(payload: bytes, remote: PublicKey) -> bytes:
+        raise RpcError(ErrorCode.APPLICATION_ERROR, "no can do")
+
+    async def hang(payload: bytes, remote: PublicKey) -> bytes:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        return b""  # pragma: no cover
+
+    async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]) as b:
+        b.handle_rpc("upper", upper)
+        b.handle_rpc("fail", fail)
+        b.handle_rpc("hang", hang)
+        peer = await a.call(bob.public_key)
+        assert await peer.rpc("upper", b"abc") == b"ABC"
+        with pytest.raises(RpcError) as info:
+            await peer.rpc("fail")
+        assert info.value.code == ErrorCode.APPLICATION_ERROR
+        assert info.value.message == "no can do"
+        with pytest.raises(RpcError) as info:
+            await peer.rpc("missing")
+        assert info.value.code == ErrorCode.UNKNOWN_METHOD
+        with pytest.raises(RpcTimeoutError):
+            await peer.rpc("hang", timeout=0.2)
+        with anyio.fail_after(WAIT):
+            await cancelled.wait()  # the callee was told to give up
+        results = []
+
+        async def one(i: int) -> None:
+            results.append(await peer.rpc("upper", f"x{i}".encode()))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(one, i)
+        assert sorted(results) == sorted(f"X{i}".encode() for i in range(50))
+
+
+async def test_tcp_call_with_address(alice: Identity, bob: Identity) -> None:
+    async with (
+        Swarm(alice, [TcpTransport("127.0.0.1", 0)]) as a,
+        Swarm(bob, [TcpTransport("127.0.0.1", 0)]) as b,
+    ):
+        assert len(b.addresses) == 1
+        assert b.addresses[0].startswith("tcp://127.0.0.1:")
+        b.handle("echo", echo)
+        peer = await a.call(bob.public_key, b.addresses[0])
+        assert peer.remote_address is not None
+        stream = await peer.open_stream("echo")
+        payload = os.urandom(1_000_000)
+        async with anyio.create_task_group() as tg:
+
+            async def send() -> None:
+                for i in range(0, len(payload), 50_000):
+                    await stream.send(payload[i : i + 50_000])
+                await stream.send_eof()
+
+            tg.start_soon(send)
+            received = bytearray()
+            with anyio.fail_after(WAIT):
+                while len(received) < len(payload):
+                    received += await stream.receive()
+        assert bytes(received) == payload
+
+
+async def test_wrong_identity_at_address_is_refused(
+    alice: Identity, bob: Identity, carol: Identity
+) -> None:
+    async with (
+        Swarm(alice, [TcpTransport()]) as a,
+        Swarm(bob, [TcpTransport()]) as b,
+    ):
+        with pytest.raises(ConnectError) as info:
+            await a.call(carol.public_key, b.addresses[0], timeout=WAIT)
+        assert isinstance(info.value.__cause__, IdentityMismatchError)
+        assert a.peers == {}
+
+
+async def test_unknown_key_fails_fast_and_timeout_is_honoured(
+    alice: Identity, bob: Identity
+) -> None:
+    net = SimulatedNetwork(seed=5)
+    async with Swarm(alice, [net.transport()]) as a:
+        with anyio.fail_after(WAIT), pytest.raises((ConnectError, TimeoutError)):
+            await a.call(bob.public_key, timeout=1.0)
+    async with Swarm(alice, [TcpTransport()]) as a:
+        with pytest.raises(ConnectError, match="no address"):
+            await a.call(bob.public_key)
+        # a listener that never answers the handshake: the timeout must hold
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            start = anyio.current_time()
+            with pytest.raises((TimeoutError, ConnectError)):
+                await a.call(bob.public_key, f"tcp://127.0.0.1:{port}", timeout=0.5)
+            assert anyio.current_time() - start < 5
+
+
+async def test_private_swarm_keys(alice: Identity, bob: Identity, carol: Identity) -> None:
+    net = SimulatedNetwork(seed=6)
+    key = bytes(range(32))
+    async with (
+        Swarm(alice, [net.transport()], swarm_key=key) as a,
+        Swarm(bob, [net.transport()], swarm_key=key) as b,
+        Swarm(carol, [net.transport()]) as c,
+    ):
+        await a.call(bob.public_key)
+        for caller, callee in [(c, a), (a, c)]:
+            with pytest.raises(ConnectError) as info:
+                await caller.call(callee.public_key, timeout=WAIT)
+            assert isinstance(info.value.__cause__, HandshakeError)
+        assert set(a.peers) == {bob.public_key}
+        assert c.peers == {}
+        assert set(b.peers) == {alice.public_key}
+    with pytest.raises(ValueError, match="32 bytes"):
+        Swarm(alice, [net.transport()], swarm_key=b"short")
+
+
+async def test_simultaneous_calls_end_with_one_link(alice: Identity, bob: Identity) -> None:
+    for seed in range(5):
+        net = SimulatedNetwork(seed=seed)
+        async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]) as b:
+            a_events, b_events = a.events(), b.events()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.call, bob.public_key)
+                tg.start_soon(b.call, alice.public_key)
+            # both sides agree on the link that the smaller key dialled
+            smaller = min(alice.public_key, bob.public_key)
+            with anyio.fail_after(WAIT):
+                while True:
+                    pa, pb = a.peers.get(bob.public_key), b.peers.get(alice.public_key)
+                    if pa and pb:
+                        sa, sb = pa.statistics(), pb.statistics()
+                        if sa.is_initiator == (alice.public_key == smaller) and (
+                            sb.is_initiator == (bob.public_key == smaller)
+                        ):
+                            break
+                    await anyio.wait_all_tasks_blocked()
+            peer = a.peers[bob.public_key]
+            assert await peer.rpc("crdtswarm.ping", b"") == b""
+            # exactly one PeerConnected each, and no PeerDisconnected
+            await a.call(bob.public_key)
+            await a_events.aclose() if hasattr(a_events, "aclose") else None
+            seen_a = [type(e) for e in _drain(a_events)]
+            seen_b = [type(e) for e in _drain(b_events)]
+            assert seen_a.count(PeerConnected) <= 1
+            assert PeerDisconnected not in seen_a + seen_b
+
+
+def _drain(events: AsyncIterator[SwarmEvent]) -> list[SwarmEvent]:
+    out = []
+    receive = events._receive  # type: ignore[attr-defined]
+    while True:
+        try:
+            out.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return out
+
+
+async def test_block_produces_peer_disconnected(alice: Identity, bob: Identity) -> None:
+    net = SimulatedNetwork(seed=7)
+    async with Swarm(alice, [net.transport()]) as a, Swarm(bob, [net.transport()]) as b:
+        events = a.events()
+        await a.call(bob.public_key)
+        await next_event(events, PeerConnected)
+        net.block(alice.public_key, bob.public_key)
+        gone = await next_event(events, PeerDisconnected)
+        assert gone.public_key == bob.public_key
+        assert a.peers == {}
+        with anyio.fail_after(WAIT):
+            while b.peers:
+                await anyio.wait_all_tasks_blocked()
+        net.unblock(alice.public_key, bob.public_key)
+        await a.call(bob.public_key)
+        assert (await next_event(events, PeerConnected)).public_key == bob.public_key
+
+
+async def test_shutdown_leaves_no_task_or_socket(alice: Identity, bob: Identity) -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    tasks_before = len(asyncio.all_tasks())
+    fds_before = fds()
+    async with Swarm(alice, [TcpTransport()]) as a, Swarm(bob, [TcpTransport()]) as b:
+        b.handle("echo", echo)
+        peer = await a.call(bob.public_key, b.addresses[0])
+        await peer.ping()
+        stream = await peer.open_stream("echo")
+        await stream.send(b"x")
+        assert await stream.receive() == b"x"
+    await anyio.wait_all_tasks_blocked()
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert fds() == fds_before
+
+
+async def test_node_survives_random_bytes_and_idle_sockets(alice: Identity, bob: Identity) -> None:
+    config = SwarmConfig(handshake_timeout=0.5, max_pending_handshakes=4)
+    rng = random.Random(1)
+    async with (
+        Swarm(alice, [TcpTransport()], config=config) as a,
+        Swarm(bob, [TcpTransport()]) as b,
+    ):
+        host, port = a.addresses[0].removeprefix("tcp://").rsplit(":", 1)
+        idle = [await anyio.connect_tcp(host, int(port)) for _ in range(8)]  # never speak
+        for _ in range(20):
+            sock = await anyio.connect_tcp(host, int(port))
+            try:
+                await sock.send(rng.randbytes(rng.randrange(1, 5000)))
+                with anyio.move_on_after(2):
+                    while await sock.receive():
+                        pass
+            except (anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+                pass
+            finally:
+                await sock.aclose()
+        # idle sockets are dropped once the handshake timeout expires
+        for sock in idle:
+            with anyio.fail_after(WAIT):
+                try:
+                    while await sock.receive():
+                        pass
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    pass
+            await sock.aclose()
+        peer = await b.call(alice.public_key, a.addresses[0])
+        assert await peer.ping() > 0
