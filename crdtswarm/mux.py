@@ -388,8 +388,11 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
             match event:
                 case DataReceived(stream_id=sid, data=data):
                     stream = self._streams.get(sid)
-                    if stream is None:
+                    if stream is None:  # closed by our reader: return the credit, stop the sender
                         session.consume(sid, len(data))
+                        session.reset_stream(
+                            sid, ErrorCode.CANCELLED, "stream closed by the reader"
+                        )
                     else:
                         stream._feed(data)
                 case WindowUpdated(stream_id=sid):

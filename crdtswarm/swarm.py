@@ -194,6 +194,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             keepalive_timeout=self._config.peer_timeout,
         )
         self._peers: dict[PublicKey, Peer] = {}
+        self._peers_changed = anyio.Event()
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
@@ -237,6 +238,10 @@ class Swarm(anyio.AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 for peer in list(self._peers.values()):
                     tg.start_soon(peer.aclose)
+            # let the connection tasks report PeerDisconnected before subscriptions end
+            while self._peers:
+                self._peers_changed = anyio.Event()
+                await self._peers_changed.wait()
         for subscription in list(self._subscriptions):
             subscription.close()
 
@@ -494,9 +499,11 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 reason = _describe(mux.error)
                 tg.cancel_scope.cancel()
         finally:
-            if connection is not None and peer._detach(connection):
-                if self._peers.get(key) is peer:
-                    del self._peers[key]
+            detached = connection is not None and peer._detach(connection)
+            if peer._connection is None and self._peers.get(key) is peer:
+                del self._peers[key]
+                self._peers_changed.set()
+            if detached:
                 self._emit(PeerDisconnected(public_key=key, reason=reason))
 
     def _accept(self, peer: Peer, protocol: str) -> StreamHandler | None:
