@@ -1,13 +1,16 @@
 """How fast is one crdtswarm stream over TCP, next to a raw TCP socket?
 
-Setup: two processes' worth of work in ONE process and event loop (anyio on
-asyncio), loopback TCP, 64 KiB application writes. Measured in the same run:
+Setup: loopback TCP, 64 KiB application writes, anyio on asyncio. Measured in
+the same run:
 
 * sans-IO cores without I/O: Noise transport encrypt+decrypt, mux session
   send_data -> data_to_send -> receive_message -> consume;
 * raw TCP: an anyio SocketStream pair moving the same bytes (the baseline);
 * crdtswarm: one application stream between two Swarm nodes over TcpTransport
-  (Noise XX + ChaCha20-Poly1305, mux framing, flow control);
+  (Noise XX + ChaCha20-Poly1305, mux framing, flow control).
+  Both throughputs are measured twice: with the receiver in a second process (two
+  nodes, two processes, as deployed: each side's CPU work runs on its own core) and
+  with both ends in one process and one event loop (one core does everything);
 * handshake: time of Swarm.call() to a fresh node (TCP connect + Noise XX +
   ready) next to a raw TCP connect;
 * memory per idle connected peer: tracemalloc growth per link while one hub
@@ -26,6 +29,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -143,6 +148,76 @@ async def bench_crdtswarm(total: int) -> float:
     return total / elapsed / 1e6
 
 
+async def _serve_receiver(kind: str, total: int) -> None:
+    """Child process: receive ``total`` bytes (raw socket or crdtswarm stream), ack."""
+    done = anyio.Event()
+    if kind == "raw":
+
+        async def serve(stream: anyio.abc.SocketStream) -> None:
+            got = 0
+            async with stream:
+                while got < total:
+                    got += len(await stream.receive(256 * 1024))
+                await stream.send(b"k")
+            done.set()
+
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        print(json.dumps({"address": f"127.0.0.1:{port}"}), flush=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, serve)
+            await done.wait()
+            tg.cancel_scope.cancel()
+        return
+
+    async def sink(stream: Stream, remote: PublicKey) -> None:
+        got = 0
+        while got < total:
+            got += len(await stream.receive(1 << 20))
+        await stream.send(b"k")
+        done.set()
+
+    async with Swarm(transports=[TcpTransport()]) as node:
+        node.handle("sink", sink)
+        print(json.dumps({"address": node.addresses[0], "key": str(node.public_key)}), flush=True)
+        await done.wait()
+
+
+async def bench_two_process(kind: str, total: int) -> float:
+    """Send ``total`` bytes to a receiver in a child process; MB/s."""
+    command = [sys.executable, "-m", "benchmarks.stream_throughput", "--serve", kind]
+    command += ["--total", str(total)]
+    process = await anyio.open_process(command, stderr=subprocess.STDOUT)
+    async with process:
+        assert process.stdout is not None
+        line = b""
+        while not line.endswith(b"\n"):
+            line += await process.stdout.receive(1)
+        info = json.loads(line)
+        chunk = os.urandom(CHUNK)
+        if kind == "raw":
+            host, port = info["address"].rsplit(":", 1)
+            sock = await anyio.connect_tcp(host, int(port))
+            start = time.perf_counter()
+            for _ in range(total // CHUNK):
+                await sock.send(chunk)
+            await sock.receive(1)
+            elapsed = time.perf_counter() - start
+            await sock.aclose()
+        else:
+            key = PublicKey.parse(info["key"])
+            async with Swarm(transports=[TcpTransport()]) as node:
+                await node.call(key, info["address"])
+                stream = await node.open_stream(key, "sink")
+                start = time.perf_counter()
+                for _ in range(total // CHUNK):
+                    await stream.send(chunk)
+                await stream.receive(1)
+                elapsed = time.perf_counter() - start
+        await process.wait()
+    return total / elapsed / 1e6
+
+
 async def bench_handshakes(count: int) -> tuple[list[float], list[float]]:
     swarm_times: list[float] = []
     tcp_times: list[float] = []
@@ -161,24 +236,24 @@ async def bench_handshakes(count: int) -> tuple[list[float], list[float]]:
 
 
 async def bench_idle_memory(count: int) -> float:
+    """Bytes allocated per idle link (both ends live in this process)."""
     async with Swarm(transports=[TcpTransport()]) as hub:
         nodes = [Swarm(transports=[TcpTransport()]) for _ in range(count)]
-        async with anyio.create_task_group() as tg:
-            entered = []
-            for node in nodes:
-                entered.append(await node.__aenter__())
+        for node in nodes:
+            await node.__aenter__()
+        try:
             gc.collect()
             tracemalloc.start()
             before = tracemalloc.get_traced_memory()[0]
-            for node in entered:
+            for node in nodes:
                 peer = await node.call(hub.public_key, hub.addresses[0])
                 await peer.ping()
             gc.collect()
             after = tracemalloc.get_traced_memory()[0]
             tracemalloc.stop()
-            for node in reversed(entered):
+        finally:
+            for node in reversed(nodes):
                 await node.__aexit__(None, None, None)
-            tg.cancel_scope.cancel()
     return (after - before) / count
 
 
@@ -187,7 +262,12 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=128, help="bytes moved per run (MB)")
     parser.add_argument("--runs", type=int, default=3, help="runs per throughput figure")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--serve", choices=["raw", "swarm"], help=argparse.SUPPRESS)
+    parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        anyio.run(_serve_receiver, args.serve, args.total)
+        return
     total = (4 if args.quick else args.megabytes) * 1024 * 1024
     runs = 1 if args.quick else args.runs
     handshakes = 5 if args.quick else 50
@@ -202,11 +282,22 @@ def main() -> None:
 
     record("noise_encrypt_decrypt", bench_noise(total), "MB/s", layer="sans-io")
     record("mux_session", bench_mux(total), "MB/s", layer="sans-io")
-    raw = [anyio.run(bench_raw_tcp, total) for _ in range(runs)]
-    ours = [anyio.run(bench_crdtswarm, total) for _ in range(runs)]
+    raw2, ours2 = [], []
+    for _ in range(runs):  # interleaved so that machine noise hits both alike
+        raw2.append(anyio.run(bench_two_process, "raw", total))
+        ours2.append(anyio.run(bench_two_process, "swarm", total))
+    raw2_mb, ours2_mb = statistics.median(raw2), statistics.median(ours2)
+    record("raw_tcp_stream_2proc", raw2_mb, "MB/s", runs=raw2)
+    record(
+        "crdtswarm_tcp_stream_2proc", ours2_mb, "MB/s", runs=ours2, ratio_vs_raw=ours2_mb / raw2_mb
+    )
+    raw, ours = [], []
+    for _ in range(runs):
+        raw.append(anyio.run(bench_raw_tcp, total))
+        ours.append(anyio.run(bench_crdtswarm, total))
     raw_mb, ours_mb = statistics.median(raw), statistics.median(ours)
-    record("raw_tcp_stream", raw_mb, "MB/s", runs=raw)
-    record("crdtswarm_tcp_stream", ours_mb, "MB/s", runs=ours, ratio_vs_raw=ours_mb / raw_mb)
+    record("raw_tcp_stream_1proc", raw_mb, "MB/s", runs=raw)
+    record("crdtswarm_tcp_stream_1proc", ours_mb, "MB/s", runs=ours, ratio_vs_raw=ours_mb / raw_mb)
     swarm_hs, tcp_hs = anyio.run(bench_handshakes, handshakes)
     record("raw_tcp_connect", statistics.median(tcp_hs) * 1000, "ms", samples=len(tcp_hs))
     record("crdtswarm_call", statistics.median(swarm_hs) * 1000, "ms", samples=len(swarm_hs))
@@ -216,10 +307,15 @@ def main() -> None:
     print()
     print(f"stream_throughput: {total / 2**20:.0f} MiB per run, median of {runs} run(s),")
     print(f"64 KiB writes, loopback TCP, Python {platform.python_version()}")
+
+    def row(label: str, ours: float, base: float, digits: int = 0) -> None:
+        print(f"{label:<28}{ours:>14.{digits}f}{base:>14.{digits}f}{ours / base:>8.2f}")
+
     print(f"{'measure':<28}{'crdtswarm':>14}{'baseline':>14}{'ratio':>8}")
-    print(f"{'stream MB/s':<28}{ours_mb:>14.0f}{raw_mb:>14.0f}{ours_mb / raw_mb:>8.2f}")
+    row("stream MB/s, 2 processes", ours2_mb, raw2_mb)
+    row("stream MB/s, 1 process", ours_mb, raw_mb)
     hs, tc = statistics.median(swarm_hs) * 1000, statistics.median(tcp_hs) * 1000
-    print(f"{'connect ms (call vs TCP)':<28}{hs:>14.2f}{tc:>14.2f}{hs / tc:>8.1f}")
+    row("connect ms (call vs TCP)", hs, tc, 2)
     print(f"{'noise enc+dec MB/s (core)':<28}{results[0]['value']:>14.0f}")
     print(f"{'mux session MB/s (core)':<28}{results[1]['value']:>14.0f}")
     print(f"{'memory per idle link KiB':<28}{per_peer / 1024:>14.1f}")

@@ -2,9 +2,9 @@
 
 `MuxConnection` moves frames between `crdtswarm.protocol.mux.MuxSession` and a
 message channel (normally a `crdtswarm.secure.SecureChannel`). It owns one task
-group with exactly two tasks: a reader (channel -> session -> streams) and a single
-writer (session -> channel) that everything else only wakes. The writer also runs
-the session's timer (keepalive pings, dead-peer detection).
+group with three tasks: a reader (channel -> session -> streams), a single writer
+(session -> channel) that everything else only wakes, and a timer that runs the
+session's keepalive clock (pings, dead-peer detection).
 
 `MuxStream` is an ``anyio.abc.ByteStream``: ``send`` waits for the peer's credit,
 so a slow reader never makes the sender buffer more than one window;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -262,6 +261,7 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
                 self._task_group = tg
                 tg.start_soon(self._read_loop)
                 tg.start_soon(self._write_loop)
+                tg.start_soon(self._timer_loop)
                 try:
                     yield self
                 finally:
@@ -345,7 +345,8 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
                 message = await self._channel.receive()
                 session.receive_message(message, anyio.current_time())
                 self._process_events()
-                self._wake()
+                if session.has_data_to_send:
+                    self._wake()
         except anyio.EndOfStream:
             if not session.is_closed:
                 self._log.debug("link ended without GOAWAY")
@@ -357,19 +358,24 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._terminate(exc)
 
+    async def _timer_loop(self) -> None:
+        session = self._session
+        while (timer := session.get_timer()) is not None:
+            await anyio.sleep_until(timer)
+            now = anyio.current_time()
+            due = session.get_timer()
+            if due is not None and now >= due:
+                session.handle_timer(now)
+                self._process_events()
+                self._wake()
+
     async def _write_loop(self) -> None:
         session = self._session
         try:
             while True:
-                timer = session.get_timer()
-                deadline = timer if timer is not None else math.inf
-                with anyio.CancelScope(deadline=deadline):
-                    await self._wakeup.wait()
+                await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 now = anyio.current_time()
-                if timer is not None and now >= timer:
-                    session.handle_timer(now)
-                    self._process_events()
                 for message in session.data_to_send(now):
                     await self._channel.send(message)
                 self._drained.set()
@@ -450,9 +456,11 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
         self._wakeup.set()
 
     def _consume(self, stream_id: int, size: int) -> None:
-        if not self._session.is_closed:
-            self._session.consume(stream_id, size)
-            self._wake()
+        session = self._session
+        if not session.is_closed:
+            session.consume(stream_id, size)
+            if session.has_data_to_send:
+                self._wake()
 
     def _release_if_done(self, stream: MuxStream) -> None:
         if stream._is_done:

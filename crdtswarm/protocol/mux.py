@@ -31,9 +31,14 @@ Invariants:
 * Rule 2 (credit). Every new stream starts with `PROTOCOL_WINDOW_SIZE` bytes of
   credit in each direction; a receiver whose ``initial_window_size`` is larger grants
   the difference at once with a WINDOW_UPDATE. A sender never sends more DATA than
-  its credit, so for each live stream ``recv_window + unconsumed + owed ==
-  initial_window_size``: the bytes received but not yet consumed by the application
-  never exceed ``initial_window_size``. DATA beyond the credit is a `FlowControlError`.
+  its credit, so for each live stream ``recv_window + unconsumed + owed == window``:
+  the bytes received but not yet consumed by the application never exceed the
+  stream's ``window``. DATA beyond the credit is a `FlowControlError`.
+  Auto-tuning: ``window`` starts at ``initial_window_size`` and doubles (up to
+  ``max_window_size``) when a grant falls due while the application has read
+  everything (it is starved: the window, not the reader, limits throughput), as
+  long as the windows of all streams stay within ``max_connection_window_size``.
+  A slow reader always has unread data, so its window never grows.
 * Rule 3 (lifetime). A stream is released when both sides have sent EOF or when
   either side reset it. Frames that race with a local reset or close are ignored,
   and DATA on a locally reset stream is still counted against its credit.
@@ -179,6 +184,13 @@ class MuxConfig:
     initial_window_size: int = 256 * 1024
     """Per-stream receive window in bytes, the bound of unread data per stream (default
     256 KiB; at least `PROTOCOL_WINDOW_SIZE`, at most `MAX_WINDOW_SIZE`)."""
+    max_window_size: int = 8 * 1024 * 1024
+    """Largest per-stream receive window auto-tuning may reach, in bytes (default
+    8 MiB; at least ``initial_window_size``)."""
+    max_connection_window_size: int = 32 * 1024 * 1024
+    """Bound on the sum of all streams' receive windows, in bytes: the most unread
+    data one connection can make us hold beyond ``initial_window_size`` per stream
+    (default 32 MiB)."""
     max_streams: int = 256
     """Streams the peer may have open with us at once (default 256); an OPEN beyond
     this is answered with RESET(REFUSED)."""
@@ -206,6 +218,8 @@ class MuxConfig:
             raise ValueError(
                 f"initial_window_size must be in [{PROTOCOL_WINDOW_SIZE}, {MAX_WINDOW_SIZE}]"
             )
+        if not self.initial_window_size <= self.max_window_size <= MAX_WINDOW_SIZE:
+            raise ValueError("max_window_size must be in [initial_window_size, MAX_WINDOW_SIZE]")
         if self.max_streams < 0 or self.max_open_streams < 0:
             raise ValueError("max_streams and max_open_streams must not be negative")
         if not _MIN_MESSAGE_SIZE <= self.max_message_size <= _MAX_MESSAGE_SIZE:
@@ -421,6 +435,7 @@ class _Stream:
         "send_window",
         "state",
         "unconsumed",
+        "window",
     )
 
     def __init__(self, stream_id: int, protocol: str, *, is_local: bool) -> None:
@@ -432,6 +447,7 @@ class _Stream:
         self.recv_window = PROTOCOL_WINDOW_SIZE  # credit we granted the peer, not yet used
         self.unconsumed = 0  # delivered in DataReceived, not yet consumed
         self.owed = 0  # consumed, not yet granted back
+        self.window = PROTOCOL_WINDOW_SIZE  # recv_window + unconsumed + owed (Rule 2)
         self.grant_pending = 0  # granted, WINDOW_UPDATE not yet sent
         self.send_buffer: deque[bytes | memoryview] = deque()
         self.send_buffered = 0
@@ -525,6 +541,8 @@ class MuxSession:
         self._max_pending = config.max_pending_frames_size
         self._window_size = config.initial_window_size
         self._extra_grant = config.initial_window_size - PROTOCOL_WINDOW_SIZE
+        self._max_window = config.max_window_size
+        self._window_budget = config.max_connection_window_size  # for auto-tuning growth
         self._local_parity = 1 if is_initiator else 0
         self._next_local_id = 1 if is_initiator else 2
         self._last_remote_id = 0 if is_initiator else -1
@@ -769,7 +787,13 @@ class MuxSession:
         if self._closed or stream.state not in _RECEIVING:
             return
         owed = stream.owed + size
-        if owed * 2 >= self._window_size:
+        window = stream.window
+        if owed * 2 >= window:
+            if stream.unconsumed == 0 and window < self._max_window:  # starved: grow
+                growth = min(window, self._max_window - window, self._window_budget)
+                self._window_budget -= growth
+                stream.window = window + growth
+                owed += growth
             stream.owed = 0
             stream.recv_window += owed
             stream.grant_pending += owed
@@ -843,6 +867,11 @@ class MuxSession:
             self.ping(now)
 
     # -- output -------------------------------------------------------------------------
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether `data_to_send` would return anything now."""
+        return bool(self._control or self._grants or self._ready or self._goaway is not None)
 
     def data_to_send(self, now: float) -> list[bytes]:
         """Return every queued frame packed into messages of at most ``max_message_size``.
@@ -1177,6 +1206,7 @@ class MuxSession:
         return old
 
     def _grant_initial(self, stream: _Stream) -> None:
+        stream.window = self._window_size
         if self._extra_grant:
             stream.recv_window += self._extra_grant
             stream.grant_pending += self._extra_grant
@@ -1185,6 +1215,7 @@ class MuxSession:
     def _release(self, stream: _Stream) -> None:
         """Move a stream that reached a terminal state from the live table to the tombstones."""
         if self._streams.pop(stream.id, None) is not None:
+            self._window_budget += max(0, stream.window - self._window_size)
             if stream.is_local:
                 self._local_count -= 1
             else:

@@ -994,3 +994,83 @@ class MuxMachine(RuleBasedStateMachine):
 
 MuxMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 test_mux_state_machine = MuxMachine.TestCase
+
+
+# -- window auto-tuning ----------------------------------------------------------------
+
+
+def _pump(client: MuxSession, server: MuxSession, sid: int, *, consume_all: bool) -> int:
+    """One round: fill the send window, deliver, let the reader consume; return bytes read."""
+    client.send_data(sid, bytes(client.send_window(sid)))
+    transfer(client, server, 0.0)
+    got = len(received(drain(server), sid))
+    server.consume(sid, got if consume_all else got // 2)
+    transfer(client, server, 0.0)
+    drain_all(client)
+    return got
+
+
+def test_a_starved_reader_grows_the_window_up_to_the_maximum() -> None:
+    config = MuxConfig(initial_window_size=PROTOCOL_WINDOW_SIZE, max_window_size=1024 * 1024)
+    client, server = pair(config)
+    sid = client.open_stream("bulk")
+    transfer(client, server, 0.0)
+    windows = []
+    for _ in range(12):
+        _pump(client, server, sid, consume_all=True)
+        windows.append(client.send_window(sid))
+    assert windows == sorted(windows)  # never shrinks
+    assert windows[-1] == 1024 * 1024  # doubled up to the cap, not beyond
+    assert max(windows) <= config.max_window_size
+
+
+def test_a_lagging_reader_keeps_the_initial_window() -> None:
+    config = MuxConfig(initial_window_size=PROTOCOL_WINDOW_SIZE, max_window_size=1024 * 1024)
+    client, server = pair(config)
+    sid = client.open_stream("bulk")
+    transfer(client, server, 0.0)
+    for _ in range(12):
+        _pump(client, server, sid, consume_all=False)  # always leaves a backlog
+        # credit held by the sender + unread bytes never exceed the initial window
+        assert client.send_window(sid) <= PROTOCOL_WINDOW_SIZE
+
+
+def test_growth_is_bounded_per_connection() -> None:
+    budget = 128 * 1024
+    config = MuxConfig(
+        initial_window_size=PROTOCOL_WINDOW_SIZE,
+        max_window_size=1024 * 1024,
+        max_connection_window_size=budget,
+    )
+    client, server = pair(config)
+    sids = [client.open_stream(f"s{i}") for i in range(3)]
+    transfer(client, server, 0.0)
+    for _ in range(10):
+        for sid in sids:
+            _pump(client, server, sid, consume_all=True)
+    total = sum(client.send_window(sid) for sid in sids)
+    assert total <= len(sids) * PROTOCOL_WINDOW_SIZE + budget
+    assert total > len(sids) * PROTOCOL_WINDOW_SIZE  # some growth happened
+
+
+def test_a_released_stream_returns_its_growth_to_the_budget() -> None:
+    budget = 64 * 1024
+    config = MuxConfig(
+        initial_window_size=PROTOCOL_WINDOW_SIZE,
+        max_window_size=1024 * 1024,
+        max_connection_window_size=budget,
+    )
+    client, server = pair(config)
+    first = client.open_stream("first")
+    transfer(client, server, 0.0)
+    for _ in range(4):
+        _pump(client, server, first, consume_all=True)
+    assert client.send_window(first) == PROTOCOL_WINDOW_SIZE + budget
+    client.reset_stream(first, ErrorCode.CANCELLED)
+    transfer(client, server, 0.0)
+    drain_all(server)
+    second = client.open_stream("second")
+    transfer(client, server, 0.0)
+    for _ in range(4):
+        _pump(client, server, second, consume_all=True)
+    assert client.send_window(second) == PROTOCOL_WINDOW_SIZE + budget
