@@ -75,6 +75,8 @@ class SecureChannel(ObjectStream[bytes]):
         self._max_message_size = min(max_message_size, _plaintext_capacity(link.max_message_size))
         if self._max_message_size < _RECORD:
             raise ValueError(f"the link's messages are too small ({link.max_message_size} bytes)")
+        records = -(-self._max_message_size // _RECORD)
+        self._max_link_message = self._max_message_size + records * _TAG_SIZE
         self._local_key = local_key
         self._session = session
         self._remote_key = remote_key
@@ -132,6 +134,11 @@ class SecureChannel(ObjectStream[bytes]):
         message = await self._link.receive()
         decrypt = self._session.decrypt
         try:
+            if len(message) > self._max_link_message:
+                raise FrameError(
+                    f"a {len(message)}-byte record set exceeds this channel's "
+                    f"{self._max_message_size}-byte message limit"
+                )
             if len(message) <= _SEALED:
                 return decrypt(message)
             if len(message) % _SEALED and len(message) % _SEALED < _TAG_SIZE:
@@ -184,6 +191,12 @@ async def establish(
         anyio.BrokenResourceError: the link died during the handshake.
         anyio.EndOfStream: the peer closed the link during the handshake.
     """
+    if link.max_message_size < _SEALED:
+        await anyio.aclose_forcefully(link)
+        raise ValueError(
+            f"the link's messages ({link.max_message_size} bytes) cannot carry a Noise "
+            f"message ({_SEALED} bytes)"
+        )
     session = HandshakeSession(
         identity, initiator=initiator, expected_remote=expected_remote, swarm_key=swarm_key
     )

@@ -166,9 +166,14 @@ class RpcSession:
             )
 
     def respond_error(self, request_id: int, code: ErrorCode | int, message: str = "") -> None:
-        """Answer the peer's request with an error."""
+        """Answer the peer's request with an error.
+
+        Raises:
+            ValueError: if ``code`` is not a valid uvarint (the request stays answerable).
+        """
+        encoded = _encode_error(request_id, code, message)
         if self._take_request(request_id):
-            self._queue(_encode_error(request_id, code, message))
+            self._queue(encoded)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the stream; decoded messages become events.
@@ -218,6 +223,8 @@ class RpcSession:
         ident = reader.read_uvarint()
         if kind == _Type.REQUEST:
             method = reader.read_var_string(MAX_METHOD_SIZE)
+            if not method:
+                raise FrameError("RPC request with an empty method name")
             payload = reader.read_var_bytes(self._config.max_message_size)
             self._expect_end(reader)
             if ident in self._requests:
