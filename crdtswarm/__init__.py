@@ -21,7 +21,14 @@ from crdtswarm.errors import (
 from crdtswarm.identity import Identity, IdentityFileError, InvalidKeyError, PublicKey
 from crdtswarm.mux import MuxStream as Stream
 from crdtswarm.peer import Peer, PeerStatistics
-from crdtswarm.swarm import PeerConnected, PeerDisconnected, Swarm, SwarmConfig, SwarmEvent
+from crdtswarm.swarm import (
+    PeerConnected,
+    PeerDisconnected,
+    Swarm,
+    SwarmConfig,
+    SwarmEvent,
+    SwarmStatistics,
+)
 
 __all__ = [
     "ConnectError",
@@ -45,4 +52,5 @@ __all__ = [
     "Swarm",
     "SwarmConfig",
     "SwarmEvent",
+    "SwarmStatistics",
 ]

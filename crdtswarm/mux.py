@@ -30,6 +30,7 @@ import anyio
 from anyio.abc import ByteStream, ObjectStream, TaskGroup
 
 from crdtswarm.errors import CrdtSwarmError, ErrorCode, RemoteProtocolError, StreamResetError
+from crdtswarm.log import ContextLogger
 from crdtswarm.protocol.mux import (
     ConnectionTerminated,
     DataReceived,
@@ -251,7 +252,7 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
         self._error: BaseException | None = None
         self._task_group: TaskGroup | None = None
         self._last_rtt: float | None = None
-        self._log = logging.LoggerAdapter(logger, {"peer": name})
+        self._log = ContextLogger(logger, name)
         self._name = name
 
     @asynccontextmanager

@@ -34,6 +34,7 @@ from crdtswarm.errors import (
     UnsupportedBackendError,
 )
 from crdtswarm.identity import Identity, PublicKey
+from crdtswarm.log import ContextLogger
 from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
@@ -55,6 +56,7 @@ __all__ = [
     "Swarm",
     "SwarmConfig",
     "SwarmEvent",
+    "SwarmStatistics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,28 @@ class PeerDisconnected:
 
 
 SwarmEvent = PeerConnected | PeerDisconnected
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SwarmStatistics:
+    """Counters of a `Swarm` since it started."""
+
+    peers: int
+    """Direct links up now."""
+    pending_handshakes: int
+    """Incoming handshakes in progress now."""
+    links_accepted: int
+    """Incoming links that completed the handshake."""
+    links_refused: int
+    """Incoming links dropped: handshake failed or timed out, or too many pending."""
+    dials: int
+    """Outgoing link attempts (one per transport tried)."""
+    dials_failed: int
+    """Outgoing attempts that produced no authenticated link."""
+    duplicate_links: int
+    """Links closed because the same peer was already linked (simultaneous calls)."""
+    events_dropped: int
+    """Events lost by `Swarm.events` subscribers that did not keep up."""
 
 
 class _Subscription:
@@ -200,9 +224,13 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
         self._dials: dict[PublicKey, anyio.Event] = {}
         self._pending_handshakes = 0
+        self._counters = dict.fromkeys(
+            ("links_accepted", "links_refused", "dials", "dials_failed", "duplicate_links"), 0
+        )
+        self._events_dropped = 0
         self._addresses: list[str] = []
         self._task_group: TaskGroup | None = None
-        self._log = logging.LoggerAdapter(logger, {"node": self.public_key.short})
+        self._log = ContextLogger(logger, self.public_key.short)
 
     def _load_identity(self) -> Identity:
         if self._data_dir is None:
@@ -243,6 +271,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 self._peers_changed = anyio.Event()
                 await self._peers_changed.wait()
         for subscription in list(self._subscriptions):
+            self._events_dropped += subscription.dropped
             subscription.close()
 
     # -- properties ------------------------------------------------------------------
@@ -266,6 +295,16 @@ class Swarm(anyio.AsyncContextManagerMixin):
     def peers(self) -> dict[PublicKey, Peer]:
         """The nodes this node has a direct link to now (a snapshot)."""
         return {key: peer for key, peer in self._peers.items() if peer.is_connected}
+
+    def statistics(self) -> SwarmStatistics:
+        """A snapshot of this node's counters."""
+        dropped = self._events_dropped + sum(s.dropped for s in self._subscriptions)
+        return SwarmStatistics(
+            peers=len(self.peers),
+            pending_handshakes=self._pending_handshakes,
+            events_dropped=dropped,
+            **self._counters,
+        )
 
     @property
     def config(self) -> SwarmConfig:
@@ -371,10 +410,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
             )
         error: BaseException | None = None
         for transport in transports:
+            self._counters["dials"] += 1
             try:
                 link = await transport.dial(key, address)
             except (ConnectError, OSError) as exc:
                 self._log.debug("dial %s via %s failed: %s", key.short, transport.scheme, exc)
+                self._counters["dials_failed"] += 1
                 error = exc
                 continue
             try:
@@ -394,6 +435,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 OSError,
             ) as exc:
                 self._log.info("handshake with %s failed: %s", key.short, exc)
+                self._counters["dials_failed"] += 1
                 error = exc
                 continue
             task_group = self._require_running()
@@ -429,6 +471,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
     async def _on_incoming_link(self, link: Link) -> None:
         if self._pending_handshakes >= self._config.max_pending_handshakes:
             self._log.warning("too many handshakes in progress: dropping an incoming link")
+            self._counters["links_refused"] += 1
             await anyio.aclose_forcefully(link)
             return
         self._pending_handshakes += 1
@@ -449,9 +492,11 @@ class Swarm(anyio.AsyncContextManagerMixin):
             OSError,
         ) as exc:
             self._log.info("incoming handshake failed: %s", exc or type(exc).__name__)
+            self._counters["links_refused"] += 1
             return
         finally:
             self._pending_handshakes -= 1
+        self._counters["links_accepted"] += 1
         await self._run_connection(channel)
 
     # -- connections -------------------------------------------------------------------
@@ -467,6 +512,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         if peer is not None and peer.is_connected:
             if peer._is_preferred_link or not _is_preferred(channel):
                 self._log.debug("duplicate link with %s: keeping the existing one", key.short)
+                self._counters["duplicate_links"] += 1
                 await channel.aclose()
                 task_status.started(peer)
                 return
@@ -492,6 +538,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 task_status.started(peer)
                 if old is not None and not old.mux.is_closed:
                     self._log.debug("duplicate link with %s: replacing the older one", key.short)
+                    self._counters["duplicate_links"] += 1
                     tg.start_soon(old.mux.aclose, ErrorCode.NO_ERROR, "duplicate link")
                 elif old is None:
                     self._emit(PeerConnected(public_key=key))

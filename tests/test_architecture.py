@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "crdtswarm"
 LAYERS: dict[str, int] = {
     "crdtswarm.errors": 0,
     "crdtswarm.identity": 0,
+    "crdtswarm.log": 0,
     "crdtswarm.protocol": 1,
     "crdtswarm.sync.protocol": 2,
     "crdtswarm.transport": 3,

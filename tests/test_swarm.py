@@ -241,6 +241,13 @@ async def test_private_swarm_keys(alice: Identity, bob: Identity, carol: Identit
         assert set(a.peers) == {bob.public_key}
         assert c.peers == {}
         assert set(b.peers) == {alice.public_key}
+        # the callee side of each failed handshake ends too (it gets the abort)
+        with anyio.fail_after(WAIT):
+            while a.statistics().pending_handshakes or c.statistics().pending_handshakes:
+                await anyio.wait_all_tasks_blocked()
+        assert c.statistics().dials_failed == 1
+        assert a.statistics().links_refused == 1
+        assert c.statistics().links_refused == 1
     with pytest.raises(ValueError, match="32 bytes"):
         Swarm(alice, [net.transport()], swarm_key=b"short")
 
@@ -267,6 +274,8 @@ async def test_simultaneous_calls_end_with_one_link(alice: Identity, bob: Identi
                     await anyio.wait_all_tasks_blocked()
             assert await a.peers[bob.public_key].ping() > 0
             assert await b.peers[alice.public_key].ping() > 0
+            duplicates = a.statistics().duplicate_links + b.statistics().duplicate_links
+            assert duplicates >= 1  # both calls produced a link; one of them was closed
         # one PeerConnected each; the only PeerDisconnected comes from the shutdown
         for events in (a_events, b_events):
             seen = [type(e) async for e in events]
@@ -340,6 +349,10 @@ async def test_node_survives_random_bytes_and_idle_sockets(alice: Identity, bob:
             await sock.aclose()
         peer = await b.call(alice.public_key, a.addresses[0])
         assert await peer.ping() > 0
+        stats = a.statistics()
+        assert stats.links_refused >= 20  # every garbage and idle socket was dropped
+        assert stats.links_accepted == 1
+        assert stats.pending_handshakes == 0
 
 
 class FreezableLink(Link):
