@@ -64,7 +64,7 @@ import enum
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final
 
 from crdtswarm.errors import (
     ErrorCode,
@@ -73,6 +73,27 @@ from crdtswarm.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     StreamResetError,
+)
+from crdtswarm.protocol.mux_events import (
+    ConnectionTerminated,
+    DataReceived,
+    MuxEvent,
+    MuxStatistics,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from crdtswarm.protocol.mux_state import (
+    LOCAL_INPUTS,
+    RECEIVING,
+    SENDING,
+    TERMINAL,
+    TRANSITIONS,
+    StreamInput,
+    StreamState,
+    transition_error_text,
 )
 from crdtswarm.protocol.wire import MAX_UVARINT, Reader, encode_uvarint
 
@@ -237,184 +258,6 @@ class MuxConfig:
 _DEFAULT_CONFIG: Final = MuxConfig()
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamOpened:
-    """The peer opened stream ``stream_id`` for ``protocol``."""
-
-    stream_id: int
-    protocol: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataReceived:
-    """``data`` arrived on ``stream_id``; call `MuxSession.consume` once it is read."""
-
-    stream_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamEnded:
-    """The peer half-closed ``stream_id``: it sends no more data."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamReset:
-    """The peer reset ``stream_id`` (or refused our OPEN) with ``code`` and ``message``."""
-
-    stream_id: int
-    code: ErrorCode | int
-    message: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WindowUpdated:
-    """Our send credit on ``stream_id`` grew; a blocked writer may retry."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PongReceived:
-    """The peer answered ping ``ping_id`` after ``rtt`` seconds."""
-
-    rtt: float
-    ping_id: int = 0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ConnectionTerminated:
-    """The session ended: the peer sent GOAWAY (``remote``) or stopped answering."""
-
-    code: ErrorCode | int
-    message: str
-    remote: bool
-
-
-MuxEvent: TypeAlias = (
-    StreamOpened
-    | DataReceived
-    | StreamEnded
-    | StreamReset
-    | WindowUpdated
-    | PongReceived
-    | ConnectionTerminated
-)
-"""Every event `MuxSession.next_event` returns."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class MuxStatistics:
-    """A snapshot of a `MuxSession`'s counters."""
-
-    open_streams: int
-    """Streams not yet released, in both directions."""
-    local_streams: int
-    """Open streams we opened."""
-    remote_streams: int
-    """Open streams the peer opened."""
-    streams_opened: int
-    """Streams opened so far by either side, refused ones excluded."""
-    streams_refused: int
-    """Peer streams refused because ``max_streams`` were open."""
-    bytes_sent: int
-    """DATA payload bytes handed out by `MuxSession.data_to_send`."""
-    bytes_received: int
-    """DATA payload bytes received."""
-    frames_sent: int
-    """Frames handed out by `MuxSession.data_to_send`."""
-    frames_received: int
-    """Frames received."""
-    messages_sent: int
-    """Messages handed out by `MuxSession.data_to_send`."""
-    messages_received: int
-    """Messages received."""
-    pending_send_size: int
-    """DATA bytes queued and not yet taken by `MuxSession.data_to_send`."""
-
-
-# -- the stream state machine ---------------------------------------------------------
-
-
-class StreamState(enum.Enum):
-    """Where a stream is in its life; the last three are terminal (the stream is released)."""
-
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"
-    HALF_CLOSED_REMOTE = "half-closed (remote)"
-    CLOSED = "closed"
-    RESET_LOCAL = "reset (local)"
-    RESET_REMOTE = "reset (remote)"
-
-
-class StreamInput(enum.Enum):
-    """What can happen to a stream: a local call (``SEND_*``) or a received frame."""
-
-    SEND_DATA = "send DATA"
-    SEND_EOF = "send EOF"
-    SEND_RESET = "send RESET"
-    RECV_DATA = "receive DATA"
-    RECV_EOF = "receive EOF"
-    RECV_RESET = "receive RESET"
-    RECV_WINDOW_UPDATE = "receive WINDOW_UPDATE"
-
-
-_S = StreamState
-_I = StreamInput
-
-# (state, input) -> next state. A pair that is missing is an error: LocalProtocolError
-# for a SEND_* input (StreamResetError once the peer reset the stream), RemoteProtocolError
-# for a RECV_* one.
-_TRANSITIONS: Final[dict[StreamState, dict[StreamInput, StreamState]]] = {
-    _S.OPEN: {
-        _I.SEND_DATA: _S.OPEN,
-        _I.SEND_EOF: _S.HALF_CLOSED_LOCAL,
-        _I.SEND_RESET: _S.RESET_LOCAL,
-        _I.RECV_DATA: _S.OPEN,
-        _I.RECV_EOF: _S.HALF_CLOSED_REMOTE,
-        _I.RECV_RESET: _S.RESET_REMOTE,
-        _I.RECV_WINDOW_UPDATE: _S.OPEN,
-    },
-    _S.HALF_CLOSED_LOCAL: {
-        _I.SEND_RESET: _S.RESET_LOCAL,
-        _I.RECV_DATA: _S.HALF_CLOSED_LOCAL,
-        _I.RECV_EOF: _S.CLOSED,
-        _I.RECV_RESET: _S.RESET_REMOTE,
-        _I.RECV_WINDOW_UPDATE: _S.HALF_CLOSED_LOCAL,
-    },
-    _S.HALF_CLOSED_REMOTE: {
-        _I.SEND_DATA: _S.HALF_CLOSED_REMOTE,
-        _I.SEND_EOF: _S.CLOSED,
-        _I.SEND_RESET: _S.RESET_LOCAL,
-        _I.RECV_RESET: _S.RESET_REMOTE,
-        _I.RECV_WINDOW_UPDATE: _S.HALF_CLOSED_REMOTE,
-    },
-    _S.CLOSED: {
-        _I.SEND_RESET: _S.CLOSED,
-        _I.RECV_RESET: _S.CLOSED,
-        _I.RECV_WINDOW_UPDATE: _S.CLOSED,
-    },
-    _S.RESET_LOCAL: {
-        _I.SEND_RESET: _S.RESET_LOCAL,
-        _I.RECV_DATA: _S.RESET_LOCAL,
-        _I.RECV_EOF: _S.RESET_LOCAL,
-        _I.RECV_RESET: _S.RESET_LOCAL,
-        _I.RECV_WINDOW_UPDATE: _S.RESET_LOCAL,
-    },
-    _S.RESET_REMOTE: {
-        _I.SEND_RESET: _S.RESET_REMOTE,
-        _I.RECV_WINDOW_UPDATE: _S.RESET_REMOTE,
-    },
-}
-
-_TERMINAL: Final = frozenset({_S.CLOSED, _S.RESET_LOCAL, _S.RESET_REMOTE})
-_RECEIVING: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})  # the peer may still send
-_SENDING: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_REMOTE})  # we may still send
-_LOCAL_INPUTS: Final = frozenset({_I.SEND_DATA, _I.SEND_EOF, _I.SEND_RESET})
-
-
 class _Stream:
     """Per-stream state and flow-control accounting (see Rule 2)."""
 
@@ -510,14 +353,12 @@ class _Packer:
 
 
 def _transition_error(stream: _Stream, event: StreamInput) -> Exception:
-    text = f"cannot {event.value} on stream {stream.id} in state {stream.state.value}"
-    if event in _LOCAL_INPUTS:
+    text = transition_error_text(stream.id, stream.state, event)
+    if event in LOCAL_INPUTS:
         if stream.state is StreamState.RESET_REMOTE:
             return StreamResetError(stream.reset_code, stream.reset_message, remote=True)
         return LocalProtocolError(text)
-    return RemoteProtocolError(
-        f"peer sent {event.value.split()[-1]} on stream {stream.id} in state {stream.state.value}"
-    )
+    return RemoteProtocolError(text)
 
 
 # -- the session ----------------------------------------------------------------------
@@ -626,7 +467,7 @@ class MuxSession:
             if stream_id not in self._ended and not self._was_opened(stream_id):
                 raise LocalProtocolError(f"unknown stream {stream_id}")
             return 0
-        return stream.send_window if stream.state in _SENDING else 0
+        return stream.send_window if stream.state in SENDING else 0
 
     def statistics(self) -> MuxStatistics:
         """Return a snapshot of the session's counters."""
@@ -724,7 +565,7 @@ class MuxSession:
             StreamResetError: if the peer reset the stream.
         """
         stream = self._stream_for_local(stream_id, StreamInput.SEND_EOF)
-        stream.state = _TRANSITIONS[stream.state][StreamInput.SEND_EOF]
+        stream.state = TRANSITIONS[stream.state][StreamInput.SEND_EOF]
         stream.eof_pending = True
         if not stream.scheduled:
             stream.scheduled = True
@@ -751,7 +592,7 @@ class MuxSession:
             if stream_id in self._ended or self._was_opened(stream_id):
                 return
             raise LocalProtocolError(f"unknown stream {stream_id}")
-        stream.state = _TRANSITIONS[stream.state][StreamInput.SEND_RESET]
+        stream.state = TRANSITIONS[stream.state][StreamInput.SEND_RESET]
         self._data_pending -= stream.drop_output()
         self._grants.pop(stream_id, None)
         stream.reset_code = code
@@ -784,7 +625,7 @@ class MuxSession:
                 f"{stream.unconsumed} are unread"
             )
         stream.unconsumed -= size
-        if self._closed or stream.state not in _RECEIVING:
+        if self._closed or stream.state not in RECEIVING:
             return
         owed = stream.owed + size
         window = stream.window
@@ -976,7 +817,7 @@ class MuxSession:
             raise
         if self._window_updated:
             for stream in self._window_updated.values():
-                if stream.state in _SENDING and not self._closed:
+                if stream.state in SENDING and not self._closed:
                     self._events.append(WindowUpdated(stream_id=stream.id))
             self._window_updated.clear()
 
@@ -993,7 +834,7 @@ class MuxSession:
                 frames += 1
                 if frame_type == _DATA:
                     stream = streams.get(stream_id)
-                    if stream is None or stream.state not in _RECEIVING:
+                    if stream is None or stream.state not in RECEIVING:
                         self._on_rare_data(stream_id, stream, len(payload))
                         continue
                     n = len(payload)
@@ -1081,7 +922,7 @@ class MuxSession:
         if stream is None:
             return
         self._apply_remote(stream, StreamInput.RECV_WINDOW_UPDATE)
-        if stream.state not in _SENDING:
+        if stream.state not in SENDING:
             return
         window = stream.send_window + increment
         if window > MAX_WINDOW_SIZE:
@@ -1096,7 +937,7 @@ class MuxSession:
         if stream is None:
             return
         old = self._apply_remote(stream, StreamInput.RECV_EOF)
-        if old in _RECEIVING:
+        if old in RECEIVING:
             stream.owed = 0
             if stream.grant_pending:
                 stream.grant_pending = 0
@@ -1111,7 +952,7 @@ class MuxSession:
         if stream is None:
             return
         old = self._apply_remote(stream, StreamInput.RECV_RESET)
-        if old in _TERMINAL:
+        if old in TERMINAL:
             return
         self._data_pending -= stream.drop_output()
         self._grants.pop(stream_id, None)
@@ -1192,14 +1033,14 @@ class MuxSession:
             if stream is None:
                 known = "closed" if self._was_opened(stream_id) else "unknown"
                 raise LocalProtocolError(f"{known} stream {stream_id}")
-        if event not in _TRANSITIONS[stream.state]:
+        if event not in TRANSITIONS[stream.state]:
             raise _transition_error(stream, event)
         return stream
 
     def _apply_remote(self, stream: _Stream, event: StreamInput) -> StreamState:
         """Move ``stream`` through the table for a received frame; return the old state."""
         old = stream.state
-        new = _TRANSITIONS[old].get(event)
+        new = TRANSITIONS[old].get(event)
         if new is None:
             raise _transition_error(stream, event)
         stream.state = new
