@@ -40,7 +40,7 @@ from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport
 from crdtswarm.transport.framing import FrameDecoder
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from anyio.abc import SocketStream, TaskGroup, TaskStatus
 
@@ -201,7 +201,16 @@ class TcpLink(Link):
             await lock.acquire()
         try:
             self._raise_if_unusable()
-            await self._stream.send(frame)
+            with self._socket_errors():
+                await self._stream.send(frame)
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def _socket_errors(self) -> Iterator[None]:
+        """Map the socket's errors: our own close stays Closed, anything else is Broken."""
+        try:
+            yield
         except anyio.ClosedResourceError:
             if self._closed:
                 raise
@@ -209,8 +218,6 @@ class TcpLink(Link):
         except anyio.BrokenResourceError as exc:
             self._broken = exc.__cause__ or exc
             raise
-        finally:
-            lock.release()
 
     async def receive(self) -> bytes:
         """Receive the next message.
@@ -260,7 +267,8 @@ class TcpLink(Link):
                 if self._stash is not None:
                     chunk, self._stash = self._stash, None
                 else:
-                    chunk = await self._stream.receive(RECEIVE_SIZE)
+                    with self._socket_errors():
+                        chunk = await self._stream.receive(RECEIVE_SIZE)
             except anyio.EndOfStream:
                 if not self._decoder.is_at_frame_boundary:
                     self._broken = FrameError(
@@ -269,13 +277,6 @@ class TcpLink(Link):
                     )
                     raise anyio.BrokenResourceError from self._broken
                 self._eof_received = True
-                raise
-            except anyio.ClosedResourceError:
-                if self._closed:
-                    raise
-                raise anyio.BrokenResourceError from self._broken
-            except anyio.BrokenResourceError as exc:
-                self._broken = exc.__cause__ or exc
                 raise
             try:
                 frames = self._decoder.feed(chunk)
