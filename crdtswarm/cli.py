@@ -69,7 +69,8 @@ async def _demo(size: int) -> int:
             f"{event.public_key.short}…"
         )
         rtts = [await peer.ping() for _ in range(5)]
-        _say(f"ping node2 -> node1: {min(rtts) * 1000:.2f} ms (smoothed {peer.rtt * 1000:.2f} ms)")  # type: ignore[operator]
+        smoothed = peer.rtt if peer.rtt is not None else min(rtts)
+        _say(f"ping node2 -> node1: {min(rtts) * 1000:.2f} ms (smoothed {smoothed * 1000:.2f} ms)")
         stream = await node2.open_stream(node1.public_key, "checksum")
         start = time.perf_counter()
         for offset in range(0, len(payload), 65536):

@@ -1,0 +1,49 @@
+"""The crdtswarm command line, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from crdtswarm.identity import PublicKey
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crdtswarm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_demo_moves_data_and_exits_zero() -> None:
+    result = run("demo", "--bytes", "300000")
+    assert result.returncode == 0, result.stderr
+    assert "identity verified" in result.stdout
+    assert "checksum matches" in result.stdout
+    assert "both nodes shut down cleanly" in result.stdout
+
+
+def test_key_generate_then_show(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    generated = run("key", "generate", str(path))
+    assert generated.returncode == 0, generated.stderr
+    key = PublicKey.parse(generated.stdout.strip())
+    shown = run("key", "show", str(path))
+    assert shown.returncode == 0
+    assert PublicKey.parse(shown.stdout.strip()) == key
+
+
+def test_a_readable_identity_file_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    assert run("key", "generate", str(path)).returncode == 0
+    os.chmod(path, 0o644)
+    result = run("key", "show", str(path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "chmod 600" in result.stderr
