@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
+NODE_DEPS := tests/interop/node_modules/.package-lock.json
+
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -23,11 +25,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The interop tests drive the real yjs / y-protocols from npm (pinned by package-lock).
+$(NODE_DEPS): tests/interop/package.json tests/interop/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/interop --no-audit --no-fund --silent; \
+	else echo "npm not found: the yjs interop tests will be skipped"; fi
+
+test: lint $(NODE_DEPS)
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.stream_throughput
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/interop/node_modules

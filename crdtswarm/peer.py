@@ -141,10 +141,12 @@ class Peer:
             raise ValueError("the protocol name must not be empty")
         return await self._require().mux.open_stream(APP_PREFIX + protocol)
 
-    async def aclose(self) -> None:
-        """Close the link gracefully."""
+    async def aclose(
+        self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "closed by the application"
+    ) -> None:
+        """Close the link gracefully, telling the peer ``code`` and ``message``."""
         if self._connection is not None:
-            await self._connection.mux.aclose(ErrorCode.NO_ERROR, "closed by the application")
+            await self._connection.mux.aclose(code, message)
 
     def statistics(self) -> PeerStatistics:
         """A snapshot of the link's figures."""

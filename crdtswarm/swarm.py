@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -41,10 +41,14 @@ from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
+from crdtswarm.sync.replica import PROTOCOL as SYNC_PROTOCOL
+from crdtswarm.sync.replica import ReplicaConfig, ReplicaStatistics, Replicator
+from crdtswarm.sync.store import DocStore
 
 if TYPE_CHECKING:
     import os
 
+    import pycrdt
     from anyio.abc import TaskGroup, TaskStatus
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -65,6 +69,7 @@ AppStreamHandler = Callable[[MuxStream, PublicKey], Awaitable[None]]
 """``async def handler(stream, remote_key)``: serves one incoming application stream."""
 
 _IDENTITY_FILE = "identity.key"
+_DOCS_FILE = "docs.sqlite3"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,6 +92,8 @@ class SwarmConfig:
     """Events buffered per `Swarm.events` subscriber before new ones are dropped (1024)."""
     close_timeout: float = 2.0
     """Seconds `Swarm` waits for links to close gracefully on exit (default 2)."""
+    replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
+    """Document replication limits and batching (see `ReplicaConfig`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -127,6 +134,8 @@ class SwarmStatistics:
     """Links closed because the same peer was already linked (simultaneous calls)."""
     events_dropped: int
     """Events lost by `Swarm.events` subscribers that did not keep up."""
+    replication: ReplicaStatistics
+    """Document replication counters."""
 
 
 class _Subscription:
@@ -218,6 +227,15 @@ class Swarm(anyio.AsyncContextManagerMixin):
             keepalive_timeout=self._config.peer_timeout,
         )
         self._peers: dict[PublicKey, Peer] = {}
+        self._store: DocStore | None = None
+        if self._data_dir is not None:
+            compact_after = self._config.replica.compact_after
+            self._store = DocStore(self._data_dir / _DOCS_FILE, compact_after=compact_after)
+        self._replicator = Replicator(
+            config=self._config.replica,
+            on_protocol_error=self._drop_for_protocol_error,
+            store=self._store,
+        )
         self._peers_changed = anyio.Event()
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
@@ -254,12 +272,19 @@ class Swarm(anyio.AsyncContextManagerMixin):
                         transport.serve, self.public_key, self._on_incoming_link
                     )
                     self._addresses.extend(addresses)
+                if self._store is not None:
+                    for name in self._store.names():  # come back with every stored doc
+                        self._replicator.doc(name)
+                tg.start_soon(self._replicator.run)
                 self._log.info("node %s up at %s", self.public_key, self._addresses or "-")
                 yield self
             finally:
                 await self._shutdown()
                 tg.cancel_scope.cancel()
         self._task_group = None
+        self._replicator.close()
+        if self._store is not None:
+            self._store.close()
 
     async def _shutdown(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.close_timeout):
@@ -303,6 +328,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             peers=len(self.peers),
             pending_handshakes=self._pending_handshakes,
             events_dropped=dropped,
+            replication=self._replicator.statistics(),
             **self._counters,
         )
 
@@ -310,6 +336,27 @@ class Swarm(anyio.AsyncContextManagerMixin):
     def config(self) -> SwarmConfig:
         """This node's tuning."""
         return self._config
+
+    # -- documents -------------------------------------------------------------------
+
+    def doc(self, name: str) -> pycrdt.Doc[Any]:
+        """The `pycrdt.Doc` called ``name``, replicated with every peer that opens it.
+
+        The same object is returned on every call. Edits made to it locally reach
+        every node that opened a document of that name and is linked to this one,
+        directly or through other nodes that have it open; edits made there arrive
+        here. On every (re)connection the two sides exchange what the other lacks.
+
+        Raises:
+            ValueError: if the name is empty or longer than 256 UTF-8 bytes.
+        """
+        return self._replicator.doc(name)
+
+    async def _drop_for_protocol_error(self, key: PublicKey, error: Exception) -> None:
+        peer = self._peers.get(key)
+        if peer is not None:
+            self._log.warning("dropping %s: %s", key.short, error)
+            await peer.aclose(ErrorCode.PROTOCOL_ERROR, str(error)[:200])
 
     # -- events ----------------------------------------------------------------------
 
@@ -542,6 +589,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     tg.start_soon(old.mux.aclose, ErrorCode.NO_ERROR, "duplicate link")
                 elif old is None:
                     self._emit(PeerConnected(public_key=key))
+                tg.start_soon(
+                    self._replicator.run_peer, key, lambda: mux.open_stream(SYNC_PROTOCOL)
+                )
                 await mux.wait_closed()
                 reason = _describe(mux.error)
                 tg.cancel_scope.cancel()
@@ -556,6 +606,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
     def _accept(self, peer: Peer, protocol: str) -> StreamHandler | None:
         if protocol == RPC_PROTOCOL:
             return lambda stream: self._serve_rpc(stream, peer.public_key)
+        if protocol == SYNC_PROTOCOL:
+            return lambda stream: self._replicator.serve_incoming(stream, peer.public_key)
         if protocol.startswith(APP_PREFIX):
             handler = self._stream_handlers.get(protocol[len(APP_PREFIX) :])
             if handler is not None:
