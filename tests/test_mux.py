@@ -161,7 +161,7 @@ async def test_keepalive_detects_a_silent_peer() -> None:
         start = anyio.current_time()
         with anyio.fail_after(WAIT):
             await a.wait_closed()
-        assert 0.3 <= anyio.current_time() - start < 3
+        assert 0.25 <= anyio.current_time() - start < 3  # clock started at construction
         assert isinstance(a.error, TimeoutError)
     await right.aclose()
 
