@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "crdtswarm.peer": 5,
     "crdtswarm.rpc": 5,
     "crdtswarm.relay": 5,
+    "crdtswarm.mesh": 5,
     "crdtswarm.routing": 5,
     "crdtswarm.sync": 5,
     "crdtswarm.swarm": 6,
