@@ -38,13 +38,14 @@ from typing import Any
 
 import anyio
 
-from crdtswarm import PublicKey, Stream, Swarm
+from crdtswarm import PublicKey, Stream, Swarm, SwarmConfig
 from crdtswarm.identity import Identity
 from crdtswarm.protocol.handshake import HandshakeSession
 from crdtswarm.protocol.mux import DataReceived, MuxSession
 from crdtswarm.transport.tcp import TcpTransport
 
 CHUNK = 64 * 1024
+IDLE = SwarmConfig(auto_mesh=False)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -236,9 +237,14 @@ async def bench_handshakes(count: int) -> tuple[list[float], list[float]]:
 
 
 async def bench_idle_memory(count: int) -> float:
-    """Bytes allocated per idle link (both ends live in this process)."""
-    async with Swarm(transports=[TcpTransport()]) as hub:
-        nodes = [Swarm(transports=[TcpTransport()]) for _ in range(count)]
+    """Bytes allocated per idle link (both ends live in this process).
+
+    The nodes do not mesh among themselves (auto_mesh=False): each has exactly one
+    link, to the hub. Each still holds the replicated directory, which grows with
+    the number of members, so this is the cost of one more member-with-a-link.
+    """
+    async with Swarm(transports=[TcpTransport()], config=IDLE) as hub:
+        nodes = [Swarm(transports=[TcpTransport()], config=IDLE) for _ in range(count)]
         for node in nodes:
             await node.__aenter__()
         try:

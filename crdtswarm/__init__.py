@@ -29,6 +29,7 @@ from crdtswarm.swarm import (
     SwarmEvent,
     SwarmStatistics,
 )
+from crdtswarm.sync.directory import Member, MemberJoined, MemberLeft
 
 __all__ = [
     "ConnectError",
@@ -39,6 +40,9 @@ __all__ = [
     "IdentityFileError",
     "IdentityMismatchError",
     "InvalidKeyError",
+    "Member",
+    "MemberJoined",
+    "MemberLeft",
     "Peer",
     "PeerConnected",
     "PeerDisconnected",

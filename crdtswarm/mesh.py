@@ -48,6 +48,9 @@ class MeshConfig:
     """Cap of the retry backoff, in seconds (default 60)."""
     tick_interval: float = 2.0
     """Seconds between two looks at the mesh when nothing happened (default 2)."""
+    min_link_age: float = 5.0
+    """Seconds a link opened to us is kept before it may be shed for being surplus
+    (default 5): time for the newcomer to receive the directory and look elsewhere."""
 
 
 @dataclass(slots=True)

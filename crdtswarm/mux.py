@@ -145,7 +145,7 @@ class MuxStream(ByteStream):
     async def send_eof(self) -> None:
         """Half-close: the peer reads ``EndOfStream`` after the data sent so far."""
         await anyio.lowlevel.checkpoint()
-        if self._local_ended or self._error is not None:
+        if self._local_ended or self._error is not None or self._conn._session.is_closed:
             return
         self._local_ended = True
         self._conn._session.send_eof(self._id)
@@ -190,6 +190,8 @@ class MuxStream(ByteStream):
             raise self._error
         if self._closed or self._local_ended:
             raise anyio.ClosedResourceError
+        if self._conn._session.is_closed:  # GOAWAY sent or received: streams end next
+            raise anyio.BrokenResourceError("the connection is closing")
 
     def _feed(self, data: bytes) -> None:
         if self._closed:

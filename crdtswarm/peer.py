@@ -67,6 +67,7 @@ class _Connection:
         self.task_group = task_group
         self.rpc: RpcChannel | None = None
         self.rpc_lock = anyio.Lock()
+        self.since = anyio.current_time()
 
 
 class Peer:
@@ -96,6 +97,11 @@ class Peer:
     def is_connected(self) -> bool:
         """Whether the link is up."""
         return self._connection is not None and not self._connection.mux.is_closed
+
+    @property
+    def connected_at(self) -> float | None:
+        """When the current link came up (``anyio.current_time()`` clock), None when down."""
+        return self._connection.since if self._connection is not None else None
 
     @property
     def remote_address(self) -> str | None:

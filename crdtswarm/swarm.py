@@ -35,12 +35,22 @@ from crdtswarm.errors import (
 )
 from crdtswarm.identity import Identity, PublicKey
 from crdtswarm.log import ContextLogger
+from crdtswarm.mesh import MeshConfig, MeshPolicy
 from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
+from crdtswarm.sync.directory import (
+    DOC_NAME as DIRECTORY_DOC,
+)
+from crdtswarm.sync.directory import (
+    Directory,
+    DirectoryConfig,
+    MemberJoined,
+    MemberLeft,
+)
 from crdtswarm.sync.replica import PROTOCOL as SYNC_PROTOCOL
 from crdtswarm.sync.replica import ReplicaConfig, ReplicaStatistics, Replicator
 from crdtswarm.sync.store import DocStore
@@ -70,6 +80,7 @@ AppStreamHandler = Callable[[MuxStream, PublicKey], Awaitable[None]]
 
 _IDENTITY_FILE = "identity.key"
 _DOCS_FILE = "docs.sqlite3"
+_MESH_FULL = "mesh full"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,6 +105,15 @@ class SwarmConfig:
     """Seconds `Swarm` waits for links to close gracefully on exit (default 2)."""
     replica: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
     """Document replication limits and batching (see `ReplicaConfig`)."""
+    directory: DirectoryConfig = dataclasses.field(default_factory=DirectoryConfig)
+    """Membership directory timing and limits (see `DirectoryConfig`)."""
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    """Whom to link to: ``mesh.max_peers`` links (8), retries (see `MeshConfig`)."""
+    auto_mesh: bool = True
+    """Link to the directory's members by ourselves (default True). With False the
+    node only has the links the application makes with `Swarm.call`."""
+    dial_timeout: float = 10.0
+    """Seconds a mesh dial to a member may take (default 10)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,7 +131,7 @@ class PeerDisconnected:
     reason: str
 
 
-SwarmEvent = PeerConnected | PeerDisconnected
+SwarmEvent = PeerConnected | PeerDisconnected | MemberJoined | MemberLeft
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -237,6 +257,10 @@ class Swarm(anyio.AsyncContextManagerMixin):
             store=self._store,
         )
         self._peers_changed = anyio.Event()
+        self._directory: Directory | None = None
+        self._directory_changed = anyio.Event()
+        self._mesh_wakeup = anyio.Event()
+        self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
@@ -276,6 +300,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     for name in self._store.names():  # come back with every stored doc
                         self._replicator.doc(name)
                 tg.start_soon(self._replicator.run)
+                await self._start_directory(tg)
                 self._log.info("node %s up at %s", self.public_key, self._addresses or "-")
                 yield self
             finally:
@@ -288,6 +313,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
 
     async def _shutdown(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.close_timeout):
+            if self._directory is not None and self._peers:
+                self._directory.leave()  # others see MemberLeft now, not at expiry
+                await self._replicator.drain()
             async with anyio.create_task_group() as tg:
                 for peer in list(self._peers.values()):
                     tg.start_soon(peer.aclose)
@@ -298,6 +326,103 @@ class Swarm(anyio.AsyncContextManagerMixin):
         for subscription in list(self._subscriptions):
             self._events_dropped += subscription.dropped
             subscription.close()
+
+    # -- directory and mesh ------------------------------------------------------------
+
+    async def _start_directory(self, tg: TaskGroup) -> None:
+        doc = self._replicator.doc(DIRECTORY_DOC)
+        self._directory = Directory(doc, self._identity, config=self._config.directory)
+        doc.observe(lambda _event: self._directory_changed.set())
+        self._publish_member()
+        self._directory.refresh()
+        tg.start_soon(self._run_directory)
+        if self._config.auto_mesh:
+            tg.start_soon(self._run_mesh, tg)
+
+    def _publish_member(self) -> None:
+        if self._directory is not None:
+            schemes = sorted({t.scheme for t in self._transports})
+            self._directory.publish_member(self._addresses, schemes)
+
+    async def _run_directory(self) -> None:
+        directory = self._directory
+        assert directory is not None
+        config = self._config.directory
+        refresh_every = config.member_ttl / 3
+        maintain_every = min(refresh_every, config.signal_ttl)
+        last_publish = last_maintain = anyio.current_time()
+        while True:
+            with anyio.move_on_after(maintain_every / 2):
+                await self._directory_changed.wait()
+            self._directory_changed = anyio.Event()
+            now = anyio.current_time()
+            if now - last_publish >= refresh_every:
+                self._publish_member()
+                last_publish = now
+            if now - last_maintain >= maintain_every:
+                directory.maintain()
+                last_maintain = now
+            for event in directory.refresh():
+                if event.public_key != self.public_key:
+                    self._emit(event)
+                if isinstance(event, MemberLeft):
+                    self._mesh.forget([event.public_key])
+            self._mesh_wakeup.set()
+
+    async def _run_mesh(self, tg: TaskGroup) -> None:
+        while True:
+            self._trim_mesh(tg)
+            directory = self._directory
+            if directory is not None:
+                members = directory.members
+                chosen = self._mesh.plan(anyio.current_time(), members, self.peers)
+                for key in chosen:
+                    tg.start_soon(self._mesh_dial, key, members[key].addresses)
+            with anyio.move_on_after(self._config.mesh.tick_interval):
+                await self._mesh_wakeup.wait()
+            self._mesh_wakeup = anyio.Event()
+
+    def _trim_mesh(self, tg: TaskGroup) -> None:
+        """Shed links that others opened to us beyond ``max_peers`` plus some slack.
+
+        Like HyParView's active view: a node everyone calls (a bootstrap member) would
+        otherwise end up linked to the whole swarm. The shed peers back off from us
+        (they see the "mesh full" reason) and pick other members instead.
+        """
+        limit = self._config.mesh.max_peers
+        limit += max(1, limit // 2)
+        peers = self.peers
+        surplus = len(peers) - limit
+        if surplus <= 0:
+            return
+        oldest = anyio.current_time() - self._config.mesh.min_link_age
+        incoming = [
+            p
+            for p in peers.values()
+            if not p.statistics().is_initiator and (p.connected_at or 0.0) <= oldest
+        ]
+        self._mesh.rng.shuffle(incoming)
+        for peer in incoming[:surplus]:
+            self._log.debug("mesh full: shedding %s", peer.public_key.short)
+            tg.start_soon(peer.aclose, ErrorCode.REFUSED, _MESH_FULL)
+
+    async def _mesh_dial(self, key: PublicKey, addresses: tuple[str, ...]) -> None:
+        options: list[str | None] = [a for a in addresses if self._can_dial(a)]
+        if any(t.can_dial(None) for t in self._transports):
+            options.append(None)
+        for address in options:
+            try:
+                await self.call(key, address, timeout=self._config.dial_timeout)
+            except (ConnectError, TimeoutError, ValueError) as exc:
+                self._log.debug("mesh dial %s at %s failed: %s", key.short, address, exc)
+                continue
+            self._mesh.dial_succeeded(key)
+            return
+        self._mesh.dial_failed(key, anyio.current_time())
+        self._mesh_wakeup.set()
+
+    def _can_dial(self, address: str) -> bool:
+        return any(t.can_dial(address) for t in self._transports)
 
     # -- properties ------------------------------------------------------------------
 
@@ -315,6 +440,18 @@ class Swarm(anyio.AsyncContextManagerMixin):
     def addresses(self) -> list[str]:
         """Where this node can be dialled directly, e.g. ``["tcp://127.0.0.1:4242"]``."""
         return list(self._addresses)
+
+    @property
+    def members(self) -> set[PublicKey]:
+        """Every node the directory knows as a current member (this node included)."""
+        if self._directory is None:
+            return set()
+        return set(self._directory.members)
+
+    @property
+    def directory(self) -> Directory | None:
+        """The membership directory (None before the swarm starts)."""
+        return self._directory
 
     @property
     def peers(self) -> dict[PublicKey, Peer]:
@@ -602,6 +739,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 self._peers_changed.set()
             if detached:
                 self._emit(PeerDisconnected(public_key=key, reason=reason))
+                if _MESH_FULL in reason:  # it shed us: look elsewhere for a while
+                    self._mesh.dial_failed(key, anyio.current_time())
+                self._mesh_wakeup.set()
 
     def _accept(self, peer: Peer, protocol: str) -> StreamHandler | None:
         if protocol == RPC_PROTOCOL:

@@ -119,6 +119,7 @@ class _PeerSync:
         self.pending_size = 0
         self.resync: set[str] = set()
         self.wakeup = anyio.Event()
+        self.idle = anyio.Event()  # set when the writer has sent everything queued
         self.users = 0
         self.log = ContextLogger(logger, key.short)
 
@@ -184,6 +185,12 @@ class Replicator:
                 if store is not None and name in self._docs:
                     store.compact(name, self._docs[name])
             self._compaction_due.clear()
+
+    async def drain(self) -> None:
+        """Wait until every peer's writer has sent what is queued (bound it with a timeout)."""
+        for peer in list(self._peers.values()):
+            while peer.wakeup.is_set() or peer.pending:
+                await peer.idle.wait()
 
     def close(self) -> None:
         """Stop persisting and replicating: later edits stay local (the store is not closed)."""
@@ -306,6 +313,9 @@ class Replicator:
             frames = self._collect(peer)
             if frames:
                 await stream.send(b"".join(frames))
+            if not peer.wakeup.is_set():
+                peer.idle.set()
+                peer.idle = anyio.Event()
 
     def _collect(self, peer: _PeerSync) -> list[bytes]:
         for name in peer.resync:
