@@ -16,6 +16,7 @@ the rule) and close the other; applications see one `PeerConnected`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import weakref
@@ -257,6 +258,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             store=self._store,
         )
         self._peers_changed = anyio.Event()
+        self._closing = False
         self._directory: Directory | None = None
         self._directory_changed = anyio.Event()
         self._mesh_wakeup = anyio.Event()
@@ -312,6 +314,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             self._store.close()
 
     async def _shutdown(self) -> None:
+        self._closing = True  # from now on, new links are refused
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._config.close_timeout):
             if self._directory is not None and self._peers:
                 self._directory.leave()  # others see MemberLeft now, not at expiry
@@ -653,6 +656,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
     # -- incoming links ----------------------------------------------------------------
 
     async def _on_incoming_link(self, link: Link) -> None:
+        if self._closing:
+            await anyio.aclose_forcefully(link)
+            return
         if self._pending_handshakes >= self._config.max_pending_handshakes:
             self._log.warning("too many handshakes in progress: dropping an incoming link")
             self._counters["links_refused"] += 1
@@ -681,7 +687,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
         finally:
             self._pending_handshakes -= 1
         self._counters["links_accepted"] += 1
-        await self._run_connection(channel)
+        with contextlib.suppress(ConnectError):  # we started shutting down meanwhile
+            await self._run_connection(channel)
 
     # -- connections -------------------------------------------------------------------
 
@@ -692,6 +699,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
         task_status: TaskStatus[Peer] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         key = channel.remote_key
+        if self._closing:  # a handshake that finished while we shut down
+            await channel.aclose()
+            raise ConnectError("the swarm is shutting down")
         peer = self._peers.get(key)
         if peer is not None and peer.is_connected:
             if peer._is_preferred_link or not _is_preferred(channel):

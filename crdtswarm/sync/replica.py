@@ -120,6 +120,7 @@ class _PeerSync:
         self.resync: set[str] = set()
         self.wakeup = anyio.Event()
         self.idle = anyio.Event()  # set when the writer has sent everything queued
+        self.writers = 0  # run_peer tasks sending to this peer now
         self.users = 0
         self.log = ContextLogger(logger, key.short)
 
@@ -189,7 +190,7 @@ class Replicator:
     async def drain(self) -> None:
         """Wait until every peer's writer has sent what is queued (bound it with a timeout)."""
         for peer in list(self._peers.values()):
-            while peer.wakeup.is_set() or peer.pending:
+            while peer.writers and (peer.wakeup.is_set() or peer.pending):
                 await peer.idle.wait()
 
     def close(self) -> None:
@@ -253,9 +254,12 @@ class Replicator:
         peer = self._join(key)
         try:
             stream = await open_stream()
+            peer.writers += 1
             try:
                 await self._write_loop(peer, stream)
             finally:
+                peer.writers -= 1
+                peer.idle.set()  # nobody sends to this peer any more: do not wait for it
                 await stream.aclose()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, StreamResetError) as exc:
             peer.log.debug("sync stream ended: %r", exc)
