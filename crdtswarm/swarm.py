@@ -55,6 +55,7 @@ from crdtswarm.sync.directory import (
 from crdtswarm.sync.replica import PROTOCOL as SYNC_PROTOCOL
 from crdtswarm.sync.replica import ReplicaConfig, ReplicaStatistics, Replicator
 from crdtswarm.sync.store import DocStore
+from crdtswarm.transport.abc import LinkAttribute
 
 if TYPE_CHECKING:
     import os
@@ -82,6 +83,7 @@ AppStreamHandler = Callable[[MuxStream, PublicKey], Awaitable[None]]
 _IDENTITY_FILE = "identity.key"
 _DOCS_FILE = "docs.sqlite3"
 _MESH_FULL = "mesh full"
+_MAX_CONTACTS = 256
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -259,6 +261,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         )
         self._peers_changed = anyio.Event()
         self._closing = False
+        self._contacts: dict[PublicKey, tuple[str, ...]] = {}
         self._directory: Directory | None = None
         self._directory_changed = anyio.Event()
         self._mesh_wakeup = anyio.Event()
@@ -377,13 +380,24 @@ class Swarm(anyio.AsyncContextManagerMixin):
             self._trim_mesh(tg)
             directory = self._directory
             if directory is not None:
-                members = directory.members
-                chosen = self._mesh.plan(anyio.current_time(), members, self.peers)
+                # the passive view: the directory's members, and the nodes we have been
+                # linked to (a node shed before it received the directory still knows them)
+                candidates = dict(self._contacts)
+                candidates.update((k, m.addresses) for k, m in directory.members.items())
+                chosen = self._mesh.plan(anyio.current_time(), candidates, self.peers)
                 for key in chosen:
-                    tg.start_soon(self._mesh_dial, key, members[key].addresses)
+                    tg.start_soon(self._mesh_dial, key, candidates[key])
             with anyio.move_on_after(self._config.mesh.tick_interval):
                 await self._mesh_wakeup.wait()
             self._mesh_wakeup = anyio.Event()
+
+    def _remember_contact(self, key: PublicKey, channel: SecureChannel) -> None:
+        address = channel.extra(LinkAttribute.remote_address, None)
+        addresses = (address,) if channel.is_initiator and address else ()
+        previous = self._contacts.pop(key, ())  # re-inserted last: the most recent
+        self._contacts[key] = addresses or previous
+        while len(self._contacts) > _MAX_CONTACTS:  # forget the oldest
+            del self._contacts[next(iter(self._contacts))]
 
     def _trim_mesh(self, tg: TaskGroup) -> None:
         """Shed links that others opened to us beyond ``max_peers`` plus some slack.
@@ -736,6 +750,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     tg.start_soon(old.mux.aclose, ErrorCode.NO_ERROR, "duplicate link")
                 elif old is None:
                     self._emit(PeerConnected(public_key=key))
+                self._remember_contact(key, channel)
                 tg.start_soon(
                     self._replicator.run_peer, key, lambda: mux.open_stream(SYNC_PROTOCOL)
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import unittest
 
 import pycrdt
@@ -65,3 +66,24 @@ def test_the_kit_reports_replicas_that_do_not_converge() -> None:
     failures = result.failures + result.errors
     assert failures, "a machine whose replicas differ must fail"
     assert "did not converge" in failures[0][1]
+
+
+class SixNodesPartialMesh(SwarmMachine):
+    """Six nodes that keep two links each: updates must cross a partial mesh under churn."""
+
+    NODES = 6
+    SEED = 2
+    CALL_ON_HEAL = False  # after a heal, the mesh alone must reconnect everybody
+    CONFIG = dataclasses.replace(
+        SwarmMachine.CONFIG,
+        mesh=dataclasses.replace(SwarmMachine.CONFIG.mesh, max_peers=2, min_link_age=0.2),
+    )
+
+
+SixNodesPartialMesh.TestCase.settings = settings(
+    max_examples=6,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSixNodesPartialMesh = SixNodesPartialMesh.TestCase
