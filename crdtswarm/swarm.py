@@ -376,7 +376,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             self._mesh_wakeup.set()
 
     async def _run_mesh(self, tg: TaskGroup) -> None:
-        while True:
+        while not self._closing:
             self._trim_mesh(tg)
             directory = self._directory
             if directory is not None:
@@ -584,6 +584,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
         if address is not None and not candidates:
             raise ValueError(f"no transport of this node can dial {address!r}")
         self._require_running()
+        if self._closing:
+            raise ConnectError("the swarm is shutting down")
         with anyio.fail_after(timeout):
             while True:
                 peer = self._peers.get(key)
