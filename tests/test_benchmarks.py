@@ -6,13 +6,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stream_throughput_smoke(tmp_path: Path) -> None:
+def run_quick(module: str) -> tuple[list[dict[str, Any]], str]:
+    """Run ``python -m benchmarks.<module> --quick``; return its JSON lines and stdout."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.stream_throughput", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -21,6 +23,11 @@ def test_stream_throughput_smoke(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return rows, result.stdout
+
+
+def test_stream_throughput_smoke() -> None:
+    rows, stdout = run_quick("stream_throughput")
     names = {row["name"] for row in rows}
     assert {
         "raw_tcp_stream_2proc",
@@ -31,4 +38,54 @@ def test_stream_throughput_smoke(tmp_path: Path) -> None:
         "memory_per_idle_link",
     } <= names
     assert all(row["value"] > 0 for row in rows)
-    assert "ratio" in result.stdout
+    assert "ratio" in stdout
+
+
+def test_directory_size_smoke() -> None:
+    rows, stdout = run_quick("directory_size")
+    sizes = [row for row in rows if row["name"] == "directory_size"]
+    with_gc = [row for row in sizes if row["maintain"]]
+    baseline = [row for row in sizes if not row["maintain"]]
+    assert len(with_gc) == len(baseline) >= 3
+    assert [row["hour"] for row in with_gc] == [row["hour"] for row in baseline]
+    for row in sizes:
+        assert row["size_bytes"] > 0
+        assert row["size_bytes"] == row["entry_bytes"] + row["overhead_bytes"]
+        assert 0 < row["members"] <= row["members_ever"]
+    # the same simulated day, so maintain() can only make the document smaller
+    assert with_gc[-1]["size_bytes"] < baseline[-1]["size_bytes"]
+    (summary,) = [row for row in rows if row["name"] == "directory_growth"]
+    assert summary["baseline_size_growth_bytes_per_hour"] > 0
+    assert "with maintain()" in stdout
+    assert (ROOT / "benchmarks" / "results" / "directory_size.json").exists()
+
+
+def test_convergence_smoke() -> None:
+    rows, stdout = run_quick("convergence")
+    names = {row["name"] for row in rows}
+    assert {
+        "swarm_setup",
+        "convergence_time",
+        "convergence_time_wall",
+        "convergence_bytes_per_node",
+        "crdtswarm_tcp_sync",
+        "pycrdt_websocket_sync",
+    } <= names
+    assert all(row["value"] > 0 for row in rows)
+    times = [row for row in rows if row["name"] == "convergence_time"]
+    assert sorted(row["n"] for row in times) == [5, 10]
+    for row in times:
+        assert row["floor_ms"] > 0
+        assert row["ratio_vs_floor"] > 0
+    for row in rows:
+        if row["name"] == "convergence_bytes_per_node":
+            assert row["floor_bytes"] > 0
+            assert row["ratio_vs_floor"] > 0
+        if row["name"] == "crdtswarm_tcp_sync":
+            assert row["ratio_vs_pycrdt_websocket"] > 0
+    assert {row["mode"] for row in rows if row["name"] == "crdtswarm_tcp_sync"} == {
+        "burst",
+        "paced",
+    }
+    assert "ratio" in stdout
+    assert (ROOT / "benchmarks" / "results" / "convergence.json").exists()
