@@ -20,8 +20,8 @@ Rules:
 3. Partial mesh. Because of rule 2, an update reaches every node that has the
    document open and is connected through nodes that have it open too; applying
    an update twice changes nothing and fires no observer, so forwarding stops.
-4. Bursts. A writer waits ``batch_interval`` after the first queued update and
-   merges everything queued for a document into one update.
+4. Bursts. An update after a quiet spell is sent at once; updates that follow
+   within ``batch_interval`` of the last send are gathered and merged into one.
 5. Durability. With a `crdtswarm.sync.store.DocStore`, a document is loaded from it
    when opened and every change (local or remote) is appended to it before the
    change is sent anywhere.
@@ -38,6 +38,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,7 +76,7 @@ class ReplicaConfig:
     """Limits and timing of document replication."""
 
     batch_interval: float = 0.005
-    """Seconds a writer waits after the first queued update to gather a burst (5 ms)."""
+    """Seconds within which updates following a send are gathered into one (5 ms)."""
     max_message_size: int = 16 * 1024 * 1024
     """Largest sync message accepted from a peer, in bytes (16 MiB)."""
     max_update_size: int = 8 * 1024 * 1024
@@ -309,10 +310,14 @@ class Replicator:
 
     async def _write_loop(self, peer: _PeerSync, stream: MuxStream) -> None:
         batch = self._config.batch_interval
+        last_update = -math.inf
         while True:
             await peer.wakeup.wait()
             if peer.pending and batch > 0:
-                await anyio.sleep(batch)  # let a burst of small edits gather
+                # The first update after a quiet spell goes out at once; while updates
+                # keep coming, they are gathered for up to batch_interval and merged.
+                await anyio.sleep_until(last_update + batch)
+                last_update = anyio.current_time()
             peer.wakeup = anyio.Event()
             frames = self._collect(peer)
             if frames:
