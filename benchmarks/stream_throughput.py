@@ -92,6 +92,18 @@ def bench_mux(total: int) -> float:
     return moved / (time.perf_counter() - start) / 1e6
 
 
+async def _timed_send(stream: anyio.abc.ByteStream, total: int) -> float:
+    """Send ``total`` bytes in CHUNK writes, wait for the receiver's 1-byte ack; MB/s."""
+    chunk = os.urandom(CHUNK)
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        await stream.send(chunk)
+        sent += len(chunk)
+    await stream.receive(1)
+    return total / (time.perf_counter() - start) / 1e6
+
+
 async def bench_raw_tcp(total: int) -> float:
     done = anyio.Event()
     received = 0
@@ -109,18 +121,11 @@ async def bench_raw_tcp(total: int) -> float:
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, serve)
         client = await anyio.connect_tcp("127.0.0.1", port)
-        chunk = os.urandom(CHUNK)
-        start = time.perf_counter()
-        sent = 0
-        while sent < total:
-            await client.send(chunk)
-            sent += len(chunk)
-        await client.receive(1)
-        elapsed = time.perf_counter() - start
+        rate = await _timed_send(client, total)
         await done.wait()
         await client.aclose()
         tg.cancel_scope.cancel()
-    return total / elapsed / 1e6
+    return rate
 
 
 async def bench_crdtswarm(total: int) -> float:
@@ -137,16 +142,9 @@ async def bench_crdtswarm(total: int) -> float:
         b.handle("sink", sink)
         await a.call(b.public_key, b.addresses[0])
         stream = await a.open_stream(b.public_key, "sink")
-        chunk = os.urandom(CHUNK)
-        start = time.perf_counter()
-        sent = 0
-        while sent < total:
-            await stream.send(chunk)
-            sent += len(chunk)
-        await stream.receive(1)
-        elapsed = time.perf_counter() - start
+        rate = await _timed_send(stream, total)
         await stream.aclose()
-    return total / elapsed / 1e6
+    return rate
 
 
 async def _serve_receiver(kind: str, total: int) -> None:
@@ -195,28 +193,18 @@ async def bench_two_process(kind: str, total: int) -> float:
         while not line.endswith(b"\n"):
             line += await process.stdout.receive(1)
         info = json.loads(line)
-        chunk = os.urandom(CHUNK)
         if kind == "raw":
             host, port = info["address"].rsplit(":", 1)
             sock = await anyio.connect_tcp(host, int(port))
-            start = time.perf_counter()
-            for _ in range(total // CHUNK):
-                await sock.send(chunk)
-            await sock.receive(1)
-            elapsed = time.perf_counter() - start
+            rate = await _timed_send(sock, total)
             await sock.aclose()
         else:
             key = PublicKey.parse(info["key"])
             async with Swarm(transports=[TcpTransport()]) as node:
                 await node.call(key, info["address"])
-                stream = await node.open_stream(key, "sink")
-                start = time.perf_counter()
-                for _ in range(total // CHUNK):
-                    await stream.send(chunk)
-                await stream.receive(1)
-                elapsed = time.perf_counter() - start
+                rate = await _timed_send(await node.open_stream(key, "sink"), total)
         await process.wait()
-    return total / elapsed / 1e6
+    return rate
 
 
 async def bench_handshakes(count: int) -> tuple[list[float], list[float]]:
