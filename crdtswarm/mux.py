@@ -140,7 +140,7 @@ class MuxStream(ByteStream):
                 self._writable = anyio.Event()
                 await self._writable.wait()
             else:  # credit but the session's output queue is full: wait for the writer
-                await self._conn._drained.wait()
+                await self._conn._wait_drained()
 
     async def send_eof(self) -> None:
         """Half-close: the peer reads ``EndOfStream`` after the data sent so far."""
@@ -249,7 +249,7 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
         self._accept = accept
         self._streams: dict[int, MuxStream] = {}
         self._wakeup = anyio.Event()
-        self._drained = anyio.Event()
+        self._drained: anyio.Event | None = None  # made by a sender that waits for it
         self._closed = anyio.Event()
         self._error: BaseException | None = None
         self._task_group: TaskGroup | None = None
@@ -381,8 +381,7 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
                 now = anyio.current_time()
                 for message in session.data_to_send(now):
                     await self._channel.send(message)
-                self._drained.set()
-                self._drained = anyio.Event()
+                self._signal_drained()
                 if session.is_closed:
                     with anyio.move_on_after(1.0):
                         await self._channel.send_eof()
@@ -458,6 +457,16 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
     def _wake(self) -> None:
         self._wakeup.set()
 
+    async def _wait_drained(self) -> None:
+        if self._drained is None:
+            self._drained = anyio.Event()
+        await self._drained.wait()
+
+    def _signal_drained(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
     def _consume(self, stream_id: int, size: int) -> None:
         session = self._session
         if not session.is_closed:
@@ -486,7 +495,7 @@ class MuxConnection(anyio.AsyncContextManagerMixin):
             broken.__cause__ = error
             stream._fail(broken)
         self._streams.clear()
-        self._drained.set()
+        self._signal_drained()
         self._wake()
 
     async def _shutdown(self) -> None:
