@@ -9,7 +9,6 @@ the same `Peer` carries on over the surviving link. Its methods fail with
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,9 +116,9 @@ class Peer:
             crdtswarm.errors.RpcTimeoutError: no answer within ``timeout``.
             anyio.BrokenResourceError: the link is down.
         """
-        start = time.perf_counter()
+        start = anyio.current_time()  # the event loop's clock: simulated time in a simulation
         await self.rpc(PING_METHOD, b"", timeout=timeout)
-        sample = time.perf_counter() - start
+        sample = anyio.current_time() - start
         self._srtt = (
             sample if self._srtt is None else self._srtt + _RTT_GAIN * (sample - self._srtt)
         )

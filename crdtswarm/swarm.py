@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import math
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -32,6 +34,7 @@ from crdtswarm.errors import (
     ConnectError,
     ErrorCode,
     RemoteProtocolError,
+    RpcError,
     UnsupportedBackendError,
 )
 from crdtswarm.identity import Identity, PublicKey
@@ -82,6 +85,7 @@ AppStreamHandler = Callable[[MuxStream, PublicKey], Awaitable[None]]
 
 _IDENTITY_FILE = "identity.key"
 _DOCS_FILE = "docs.sqlite3"
+_CONTACTS_FILE = "contacts.json"
 _MESH_FULL = "mesh full"
 _MAX_CONTACTS = 256
 
@@ -117,6 +121,11 @@ class SwarmConfig:
     node only has the links the application makes with `Swarm.call`."""
     dial_timeout: float = 10.0
     """Seconds a mesh dial to a member may take (default 10)."""
+    link_publish_delay: float = 1.0
+    """Seconds link changes are gathered before our latency row is republished (1)."""
+    link_publish_interval: float = 5.0
+    """Least seconds between two publications of our latency row (5). A stale row
+    costs only extra copies of updates, never a lost one (see `crdtswarm.sync.replica`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -258,13 +267,17 @@ class Swarm(anyio.AsyncContextManagerMixin):
             config=self._config.replica,
             on_protocol_error=self._drop_for_protocol_error,
             store=self._store,
+            public_key=self.public_key,
+            flooded=(DIRECTORY_DOC,),  # the control plane does not depend on the link graph
         )
         self._peers_changed = anyio.Event()
         self._closing = False
-        self._contacts: dict[PublicKey, tuple[str, ...]] = {}
+        self._contacts: dict[PublicKey, tuple[str, ...]] = self._load_contacts()
         self._directory: Directory | None = None
         self._directory_changed = anyio.Event()
         self._mesh_wakeup = anyio.Event()
+        self._links_changed = anyio.Event()
+        self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
@@ -342,6 +355,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._publish_member()
         self._directory.refresh()
         tg.start_soon(self._run_directory)
+        tg.start_soon(self._run_links)
         if self._config.auto_mesh:
             tg.start_soon(self._run_mesh, tg)
 
@@ -373,7 +387,46 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     self._emit(event)
                 if isinstance(event, MemberLeft):
                     self._mesh.forget([event.public_key])
+            rows = directory.latency_rows()
+            if rows != self._rows:  # the link graph changed: route updates along the new one
+                self._rows = rows
+                self._replicator.set_link_rows(rows)
             self._mesh_wakeup.set()
+
+    async def _run_links(self) -> None:
+        """Publish our latency row (peers and round-trip times) when our links change.
+
+        The rows of all members make the link graph along which document updates
+        travel (see `crdtswarm.sync.replica`). A row is republished when a link comes
+        or goes, when a round-trip time moves by more than a quarter (and 2 ms), and
+        every third of ``latency_ttl`` so that it does not expire.
+        """
+        directory = self._directory
+        assert directory is not None
+        refresh_every = self._config.directory.latency_ttl / 3
+        published: dict[PublicKey, float] | None = None
+        last_publish = -math.inf
+        while True:
+            with anyio.move_on_after(refresh_every):
+                await self._links_changed.wait()
+            await anyio.sleep_until(
+                max(
+                    anyio.current_time() + self._config.link_publish_delay,
+                    last_publish + self._config.link_publish_interval,
+                )
+            )  # gather a burst of changes, and publish at a bounded rate
+            self._links_changed = anyio.Event()
+            row = {k: p.rtt for k, p in self._peers.items() if p.is_connected and p.rtt is not None}
+            now = anyio.current_time()
+            if published is None or now - last_publish >= refresh_every or _moved(published, row):
+                directory.publish_latency(row)
+                published, last_publish = row, now
+
+    async def _measure_link(self, peer: Peer) -> None:
+        """Measure a new link's round-trip time, then have our row republished."""
+        with contextlib.suppress(RpcError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await peer.ping(timeout=self._config.peer_timeout)
+        self._links_changed.set()
 
     async def _run_mesh(self, tg: TaskGroup) -> None:
         while not self._closing:
@@ -384,6 +437,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 # linked to (a node shed before it received the directory still knows them)
                 candidates = dict(self._contacts)
                 candidates.update((k, m.addresses) for k, m in directory.members.items())
+                if not self._peers:  # cut off: those that left may only have restarted
+                    for key in directory.departed:
+                        candidates.setdefault(key, ())
                 chosen = self._mesh.plan(anyio.current_time(), candidates, self.peers)
                 for key in chosen:
                     tg.start_soon(self._mesh_dial, key, candidates[key])
@@ -398,6 +454,41 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._contacts[key] = addresses or previous
         while len(self._contacts) > _MAX_CONTACTS:  # forget the oldest
             del self._contacts[next(iter(self._contacts))]
+        self._save_contacts()
+
+    def _load_contacts(self) -> dict[PublicKey, tuple[str, ...]]:
+        """The nodes we were linked to before a restart (``data_dir/contacts.json``).
+
+        A node that restarts before the directory reached it, or after everybody it
+        knew restarted too, would otherwise know nobody to call.
+        """
+        if self._data_dir is None:
+            return {}
+        path = self._data_dir / _CONTACTS_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            contacts = {
+                PublicKey.parse(item["key"]): tuple(str(a) for a in item["addresses"])
+                for item in raw[-_MAX_CONTACTS:]
+            }
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("ignoring unreadable contacts file %s: %s", path, exc)
+            return {}
+        return contacts
+
+    def _save_contacts(self) -> None:
+        if self._data_dir is None:
+            return
+        path = self._data_dir / _CONTACTS_FILE
+        items = [{"key": str(k), "addresses": list(a)} for k, a in self._contacts.items()]
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(items), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            self._log.warning("cannot save contacts to %s: %s", path, exc)
 
     def _trim_mesh(self, tg: TaskGroup) -> None:
         """Shed links that others opened to us beyond ``max_peers`` plus some slack.
@@ -753,6 +844,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 elif old is None:
                     self._emit(PeerConnected(public_key=key))
                 self._remember_contact(key, channel)
+                tg.start_soon(self._measure_link, peer)
                 tg.start_soon(
                     self._replicator.run_peer, key, lambda: mux.open_stream(SYNC_PROTOCOL)
                 )
@@ -765,6 +857,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 del self._peers[key]
                 self._peers_changed.set()
             if detached:
+                self._links_changed.set()
                 self._emit(PeerDisconnected(public_key=key, reason=reason))
                 if _MESH_FULL in reason:  # it shed us: look elsewhere for a while
                     self._mesh.dial_failed(key, anyio.current_time())
@@ -788,6 +881,13 @@ class Swarm(anyio.AsyncContextManagerMixin):
             )
             await channel.serve()
             tg.cancel_scope.cancel()
+
+
+def _moved(published: dict[PublicKey, float], row: dict[PublicKey, float]) -> bool:
+    """Whether ``row`` differs enough from the ``published`` one to publish it again."""
+    if published.keys() != row.keys():
+        return True
+    return any(abs(row[k] - old) > max(0.002, old / 4) for k, old in published.items())
 
 
 async def _echo(payload: bytes, remote_key: PublicKey) -> bytes:

@@ -50,8 +50,9 @@ Rules (the invariants the tests check):
    higher seq still supersedes: `Directory.leave` publishes a member entry that
    expires at once, and every reader drops the member (`MemberLeft`).
 4. Observer safety. pycrdt forbids reading a document inside its observers, so the
-   observer only marks the directory dirty; `Directory.refresh` re-reads the
-   document into the cache, and `Directory.maintain` also collects and heals.
+   observer only notes which containers changed; `Directory.refresh` re-reads those
+   containers into the cache, and `Directory.maintain` re-reads them all, collects
+   and heals.
 5. Collection. `Directory.maintain` deletes from the document every envelope that
    is invalid, misplaced, superseded, in excess of the per-author limits, or
    expired for longer than ``collect_delay``, and the containers of authors with
@@ -82,7 +83,7 @@ from crdtswarm.identity import KEY_SIZE, SIGNATURE_SIZE, InvalidKeyError, Public
 from crdtswarm.protocol.wire import Reader, encode_uvarint, encode_var_bytes, encode_var_string
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from crdtswarm.identity import Identity
 
@@ -443,7 +444,8 @@ class Directory:
         self._events: list[DirectoryEvent] = []
         self._counts = dict.fromkeys(("accepted", "rejected", "removed", "repaired"), 0)
         self._dirty = True
-        self._subscription: pycrdt.Subscription | None = doc.observe(self._on_change)
+        self._dirty_keys: set[str] | None = None  # containers changed since the scan; None: all
+        self._subscription: pycrdt.Subscription | None = self._root.observe_deep(self._on_change)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -456,6 +458,22 @@ class Directory:
     def is_dirty(self) -> bool:
         """Whether the document changed since the cache last read it (see `refresh`)."""
         return self._dirty
+
+    @property
+    def departed(self) -> list[PublicKey]:
+        """Members whose entry expired or who left, while the cache still remembers them.
+
+        A node that restarted while we were cut off looks departed to us; an isolated
+        node tries these (see `crdtswarm.swarm`).
+        """
+        now_ms = self._now_ms(None)
+        return [
+            cached.entry.author
+            for (kind, author, _), cached in self._slots.items()
+            if kind == _Kind.MEMBER
+            and cached.entry.expires_ms <= now_ms
+            and author != self._me_bytes
+        ]
 
     @property
     def members(self) -> dict[PublicKey, Member]:
@@ -626,7 +644,7 @@ class Directory:
             now: the current Unix time in seconds (default: the clock).
         """
         now_ms = self._now_ms(now)
-        self._dirty = False
+        self._dirty, self._dirty_keys = False, set()
         containers = self._scan(now_ms)
         forgotten = self._forget(now_ms)
         self._note_membership(now_ms)
@@ -642,29 +660,44 @@ class Directory:
     def close(self) -> None:
         """Stop observing the document (idempotent); the cache stays readable."""
         if self._subscription is not None:
-            self._doc.unobserve(self._subscription)
+            self._root.unobserve(self._subscription)
             self._subscription = None
 
     # -- internals -----------------------------------------------------------------------
 
-    def _on_change(self, _event: object) -> None:
-        self._dirty = True  # observer: reading the document here is forbidden by pycrdt
+    def _on_change(self, events: list[Any]) -> None:
+        # an observer: reading the document here is forbidden by pycrdt, but its events
+        # say which containers changed, so that `refresh` re-reads only those
+        self._dirty = True
+        keys = self._dirty_keys
+        if keys is None:
+            return
+        for event in events:
+            path = event.path
+            if path:
+                keys.add(str(path[0]))  # inside a container
+            elif isinstance(changed := getattr(event, "keys", None), dict):
+                keys.update(str(key) for key in changed)  # containers added or removed
+            else:
+                self._dirty_keys = None
+                return
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """A transaction of our own writes, which leave the cache up to date."""
         was_dirty = self._dirty
+        was_keys = None if self._dirty_keys is None else set(self._dirty_keys)
         with self._doc.transaction():
             yield
-        self._dirty = was_dirty  # the observer fired for our own writes only
+        self._dirty, self._dirty_keys = was_dirty, was_keys  # it fired for our own writes only
 
     def _now_ms(self, now: float | None) -> int:
         return math.floor((self._clock() if now is None else now) * 1000)
 
     def _reload(self, now_ms: int) -> None:
         if self._dirty:
-            self._dirty = False
-            self._scan(now_ms)
+            keys, self._dirty, self._dirty_keys = self._dirty_keys, False, set()
+            self._scan(now_ms, keys)
         self._forget(now_ms)
         self._note_membership(now_ms)
 
@@ -688,12 +721,14 @@ class Directory:
             key = self._keys[raw] = PublicKey(raw)
         return key
 
-    def _scan(self, now_ms: int) -> list[_Container]:
-        """Read every container, accepting what is new into the cache."""
+    def _scan(self, now_ms: int, keys: Iterable[str] | None = None) -> list[_Container]:
+        """Read every container (or those of ``keys``), accepting what is new into the cache."""
         limit = self._config.max_entries_per_author
         self._pruned = False
         containers: list[_Container] = []
-        for key, value in self._root.items():
+        root = self._root
+        found = root.items() if keys is None else ((k, root[k]) for k in keys if k in root)
+        for key, value in found:
             author = self._author_of(key)
             array = value if isinstance(value, pycrdt.Array) else None
             container = _Container(key, author, array)

@@ -562,6 +562,9 @@ class SyncCompleted:
 SyncEvent: TypeAlias = UpdateApplied | AwarenessReceived | SyncCompleted
 
 
+_MAX_KNOWN_PARENTS: Final = 65536  # parents remembered per document
+
+
 class SyncSession:
     """One peer's view of one pycrdt.Doc: state-vector anti-entropy, then incremental updates.
 
@@ -582,10 +585,14 @@ class SyncSession:
         *,
         max_update_size: int = DEFAULT_MAX_SIZE,
         max_queue_length: int = 256,
+        known_parents: set[tuple[int, int]] | None = None,
     ) -> None:
         if max_update_size < 1 or max_queue_length < 1:
             raise ValueError("max_update_size and max_queue_length must be positive")
         self._doc = doc
+        # items of ``doc`` already found to be shared types (a struct never changes
+        # kind): sessions of one document may share this set
+        self._known_parents = known_parents if known_parents is not None else set()
         self._max_update_size = max_update_size
         self._max_queue_length = max_queue_length
         self._output: list[bytes] = []
@@ -713,10 +720,14 @@ class SyncSession:
         there, leaving the structs before it applied. A parent is looked up in the
         document first (where yrs looks), then in the update itself.
         """
+        known = self._known_parents
+        parents = [parent for parent in shape.parents if parent not in known]
+        if not parents:
+            return
         with _pycrdt_errors("cannot read the document's state vector"):
             ours = _parse_state_vector(self._doc.get_state())
         in_doc: list[tuple[int, int]] = []
-        for client, clock in shape.parents:
+        for client, clock in parents:
             if clock < ours.get(client, 0):
                 in_doc.append((client, clock))
             elif (structs := shape.clients.get(client)) is not None:
@@ -733,6 +744,9 @@ class SyncSession:
                 return
             if ref not in _PARENT_KINDS:
                 raise SyncError(f"the parent {client}#{clock} in the document is not a type")
+        if len(known) + len(in_doc) > _MAX_KNOWN_PARENTS:
+            known.clear()
+        known.update(in_doc)
 
     def _kind_in_doc(self, ours: dict[int, int], client: int, clock: int) -> int | None:
         """The struct kind at (client, clock) in our document, from a diff starting there."""

@@ -12,16 +12,31 @@ Rules:
    SyncStep1 (our state vector) for every open document to every peer; a peer that
    has the document open answers with SyncStep2 (what we lack) and its own
    SyncStep1. A peer that does not have the document ignores it.
-2. Incremental updates. A change to a document (local, or applied from peer P) is
-   queued for every peer we are in sync with on that document, except P: no echo.
-   pycrdt gives no transaction origin, so the replicator records which peer it is
-   applying for while `SyncSession.receive_message` runs (the doc observer fires
-   synchronously inside it).
-3. Partial mesh. Because of rule 2, an update reaches every node that has the
-   document open and is connected through nodes that have it open too; applying
-   an update twice changes nothing and fires no observer, so forwarding stops.
+2. Incremental updates travel as *routed updates* (rule 3), a message of ours on
+   the same stream: ``ROUTED`` (uvarint 100, a type y-protocols does not use), the
+   first 4 bytes of the key of the node that put the update into the swarm (its
+   *origin*), then the update (var-bytes). A change to a document that we did not
+   receive as a routed update (a local edit, or a step 2 from peer P) gets us as
+   its origin; it is never sent back to P: no echo. pycrdt gives no transaction
+   origin, so the replicator records what it is applying while
+   `SyncSession.receive_message` runs (the doc observer fires synchronously
+   inside it).
+3. Link-state multicast. With a link graph (built from the members' latency rows,
+   see `Replicator.set_link_rows` and `crdtswarm.protocol.routing`), an update from
+   origin O goes only to our children in the shortest-path tree rooted at O, plus
+   the peers whose link to us the graph does not show yet; so each node receives
+   it once, as fast as the network allows. We fall back to every peer but the
+   sender (flooding) when there is no graph, O is unknown or ambiguous, we are not
+   in O's tree, a child of ours is not linked to us, or the update came over a
+   graph link from a node that is not our parent (the views disagree). Documents
+   named in ``flooded`` (the directory, which carries the rows themselves) are
+   always flooded. Routed updates are forwarded whether or not we have the
+   document open (after a structural check), so replicas separated by other nodes
+   still meet. A bounded cache of recently seen routed updates (origin, document,
+   hash) stops loops and duplicates when views disagree.
 4. Bursts. An update after a quiet spell is sent at once; updates that follow
-   within ``batch_interval`` of the last send are gathered and merged into one.
+   within ``batch_interval`` of the last send are gathered and merged into one
+   (per document and origin).
 5. Durability. With a `crdtswarm.sync.store.DocStore`, a document is loaded from it
    when opened and every change (local or remote) is appended to it before the
    change is sent anywhere.
@@ -33,13 +48,20 @@ Rules:
 7. Hostile input. A malformed message or an update pycrdt cannot apply raises
    `crdtswarm.errors.FrameError` / `crdtswarm.errors.SyncError`; the local document is
    untouched, the error is logged and ``on_protocol_error`` drops the link.
+8. Repair. Every ``anti_entropy_interval`` we send our state vectors to one peer
+   chosen at random: whatever a disagreement between link graphs kept from us or
+   from it is exchanged then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import random
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +77,9 @@ from crdtswarm.errors import (
     SyncError,
 )
 from crdtswarm.log import ContextLogger
-from crdtswarm.protocol.wire import Reader, encode_var_string
-from crdtswarm.sync.protocol import SyncSession
+from crdtswarm.protocol.routing import LinkGraph
+from crdtswarm.protocol.wire import Reader, encode_uvarint, encode_var_bytes, encode_var_string
+from crdtswarm.sync.protocol import SyncSession, Update, encode_message, validate_update
 from crdtswarm.transport.framing import FrameDecoder, encode_frame
 
 if TYPE_CHECKING:
@@ -64,11 +87,16 @@ if TYPE_CHECKING:
     from crdtswarm.mux import MuxStream
     from crdtswarm.sync.store import DocStore
 
-__all__ = ["PROTOCOL", "ReplicaConfig", "ReplicaStatistics", "Replicator"]
+__all__ = ["ORIGIN_SIZE", "PROTOCOL", "ROUTED", "ReplicaConfig", "ReplicaStatistics", "Replicator"]
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "crdtswarm/sync/1"
+ROUTED = 100
+"""The message type of a routed update (not a y-protocols type)."""
+ORIGIN_SIZE = 4
+"""Bytes of the origin's key that a routed update carries."""
+_ROUTED_TAG = encode_uvarint(ROUTED)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,6 +115,10 @@ class ReplicaConfig:
     """Longest document name, in UTF-8 bytes (256)."""
     compact_after: int = 500
     """Stored updates per document after which the store is compacted (500)."""
+    anti_entropy_interval: float = 30.0
+    """Seconds between state-vector exchanges with one random peer (30 s); 0 disables."""
+    max_seen_updates: int = 8192
+    """Routed updates remembered to drop duplicates and stop loops (8192)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,6 +137,10 @@ class ReplicaStatistics:
     """Incremental updates sent (after merging bursts)."""
     resyncs: int
     """Full-state resyncs after a peer's send queue overflowed."""
+    duplicates: int
+    """Routed updates received again and dropped."""
+    floods: int
+    """Routed updates sent to every peer because the link graph could not be used."""
 
 
 ProtocolErrorHandler = Callable[["PublicKey", Exception], Awaitable[None]]
@@ -116,7 +152,7 @@ class _PeerSync:
     def __init__(self, key: PublicKey) -> None:
         self.key = key
         self.sessions: dict[str, SyncSession] = {}
-        self.pending: dict[str, list[bytes]] = {}
+        self.pending: dict[tuple[str, bytes], list[bytes]] = {}  # (doc, origin) -> updates
         self.pending_size = 0
         self.resync: set[str] = set()
         self.wakeup = anyio.Event()
@@ -138,18 +174,42 @@ class Replicator:
         config: ReplicaConfig | None = None,
         on_protocol_error: ProtocolErrorHandler | None = None,
         store: DocStore | None = None,
+        public_key: PublicKey | None = None,
+        rng: random.Random | None = None,
+        flooded: Collection[str] = (),
     ) -> None:
         self._config = config or ReplicaConfig()
         self._store = store
         self._on_protocol_error = on_protocol_error
+        self._me = public_key
+        # the origin we give our own changes (zeros when we have no key: "unknown")
+        self._me_prefix = bytes(public_key)[:ORIGIN_SIZE] if public_key else bytes(ORIGIN_SIZE)
+        self._rng = rng or random.Random()
+        self._flooded = frozenset(flooded)
         self._docs: dict[str, pycrdt.Doc[Any]] = {}
+        self._known_parents: dict[str, set[tuple[int, int]]] = {}
         self._subscriptions: dict[str, Any] = {}
         self._peers: dict[PublicKey, _PeerSync] = {}
-        self._origin: _PeerSync | None = None
+        self._origin: _PeerSync | None = None  # the peer whose message is being applied
+        self._routed = False  # whether that message is a routed update (rule 3)
+        self._routed_changed = False  # whether applying it changed the document
+        self._rows: Mapping[PublicKey, Mapping[PublicKey, float]] = {}
+        self._graph_built = True
+        self._graph: LinkGraph[PublicKey] | None = None
+        self._by_prefix: dict[bytes, PublicKey | None] = {}  # None: ambiguous
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._compaction_due: set[str] = set()
         self._maintenance = anyio.Event()
         self._counts = dict.fromkeys(
-            ("messages_sent", "messages_received", "updates_sent", "resyncs"), 0
+            (
+                "messages_sent",
+                "messages_received",
+                "updates_sent",
+                "resyncs",
+                "duplicates",
+                "floods",
+            ),
+            0,
         )
 
     def statistics(self) -> ReplicaStatistics:
@@ -178,15 +238,54 @@ class Replicator:
         return doc
 
     async def run(self) -> None:
-        """Background upkeep (store compaction) until cancelled; run it in a task."""
+        """Background upkeep (store compaction, anti-entropy) until cancelled; run it in a task."""
+        interval = self._config.anti_entropy_interval
+        next_exchange = anyio.current_time() + interval if interval > 0 else math.inf
         while True:
-            await self._maintenance.wait()
+            with anyio.move_on_after(next_exchange - anyio.current_time()):
+                await self._maintenance.wait()
             self._maintenance = anyio.Event()
             store = self._store
             for name in sorted(self._compaction_due):
                 if store is not None and name in self._docs:
                     store.compact(name, self._docs[name])
             self._compaction_due.clear()
+            if anyio.current_time() >= next_exchange:
+                next_exchange = anyio.current_time() + interval
+                self._exchange_state()
+
+    def set_link_rows(self, rows: Mapping[PublicKey, Mapping[PublicKey, float]]) -> None:
+        """Route updates along the link graph of ``rows`` (empty: flood; rule 3).
+
+        ``rows`` are the members' latency rows (author -> peer -> seconds); the graph
+        is built from them when an update next needs it.
+        """
+        self._rows = rows
+        self._graph_built = False
+
+    def _link_graph(self) -> LinkGraph[PublicKey] | None:
+        if not self._graph_built:
+            self._graph_built = True
+            graph = LinkGraph.from_rows(self._rows) if self._rows else None
+            by_prefix: dict[bytes, PublicKey | None] = {}
+            for key in graph.nodes() if graph is not None else ():
+                prefix = bytes(key)[:ORIGIN_SIZE]
+                by_prefix[prefix] = None if prefix in by_prefix else key
+            self._graph, self._by_prefix = graph, by_prefix
+        return self._graph
+
+    def _exchange_state(self) -> None:
+        """Send our state vectors to one random peer (rule 8)."""
+        peers = [p for p in self._peers.values() if p.writers]
+        if not peers:
+            return
+        peer = self._rng.choice(peers)
+        for name in self._docs:
+            session = peer.sessions.get(name)
+            if session is not None and not session.is_failed:
+                with contextlib.suppress(LocalProtocolError):  # its queue is full: next time
+                    session.start()
+        peer.wake()
 
     async def drain(self) -> None:
         """Wait until every peer's writer has sent what is queued (bound it with a timeout)."""
@@ -211,22 +310,68 @@ class Replicator:
         if self._store is not None and self._store.append(name, update):
             self._compaction_due.add(name)
             self._maintenance.set()
-        for peer in self._peers.values():
-            if peer is self._origin or name not in peer.sessions:
-                continue
-            if peer.pending_size + len(update) > self._config.max_queued_size:
-                peer.log.warning("send queue full for %r: falling back to a full resync", name)
-                peer.pending.clear()
-                peer.pending_size = 0
-                peer.resync.update(peer.sessions)
-                self._counts["resyncs"] += 1
-            else:
-                peer.pending.setdefault(name, []).append(update)
-                peer.pending_size += len(update)
-            peer.wake()
+        if self._routed:
+            self._routed_changed = True  # _handle_routed forwards it as it came
+            return
+        # a local edit, or a change applied from a step 2: we are its origin (rule 2)
+        for peer in self._targets(name, self._me, self._origin):
+            self._enqueue(peer, name, self._me_prefix, update)
+
+    def _enqueue(self, peer: _PeerSync, name: str, origin: bytes, update: bytes) -> None:
+        if peer.pending_size + len(update) > self._config.max_queued_size:
+            peer.log.warning("send queue full for %r: falling back to a full resync", name)
+            peer.pending.clear()
+            peer.pending_size = 0
+            peer.resync.update(peer.sessions)
+            self._counts["resyncs"] += 1
+        else:
+            peer.pending.setdefault((name, origin), []).append(update)
+            peer.pending_size += len(update)
+        peer.wake()
+
+    def _targets(
+        self, name: str, origin: PublicKey | None, sender: _PeerSync | None
+    ) -> list[_PeerSync]:
+        """The peers an update of ``name`` from ``origin`` received from ``sender`` goes to."""
+        peers = self._peers
+        everyone = [p for p in peers.values() if p is not sender]
+        if name in self._flooded:
+            return everyone
+        graph, me = self._link_graph(), self._me
+        if graph is None or origin is None or me is None or me not in graph:
+            return self._flood(everyone)
+        tree = graph.tree(origin)
+        if me not in tree:
+            return self._flood(everyone)
+        if (
+            sender is not None
+            and origin != me
+            and graph.has_edge(me, sender.key)
+            and tree.parent(me) != sender.key
+        ):
+            return self._flood(everyone)  # the sender's view of the tree is not ours
+        targets: list[_PeerSync] = []
+        for child in tree.children(me):
+            peer = peers.get(child)
+            if peer is None:
+                return self._flood(everyone)  # its subtree would miss the update
+            if peer is not sender:
+                targets.append(peer)
+        # links the graph does not show yet: the peer may be nobody else's child
+        targets.extend(p for k, p in peers.items() if p is not sender and not graph.has_edge(me, k))
+        return targets
+
+    def _flood(self, everyone: list[_PeerSync]) -> list[_PeerSync]:
+        if self._graph is not None and everyone:
+            self._counts["floods"] += 1
+        return everyone
 
     def _start_session(self, peer: _PeerSync, name: str) -> SyncSession:
-        session = SyncSession(self._docs[name], max_update_size=self._config.max_update_size)
+        session = SyncSession(
+            self._docs[name],
+            max_update_size=self._config.max_update_size,
+            known_parents=self._known_parents.setdefault(name, set()),
+        )
         session.start()
         peer.sessions[name] = session
         peer.wake()
@@ -296,6 +441,9 @@ class Replicator:
         name = reader.read_var_string(self._config.max_name_size)
         payload = reader.read_rest()
         self._counts["messages_received"] += 1
+        if payload[:1] == _ROUTED_TAG:
+            self._handle_routed(peer, name, payload)
+            return
         if name not in self._docs:
             return  # the peer shares a document we have not opened
         session = peer.sessions.get(name) or self._start_session(peer, name)
@@ -307,6 +455,45 @@ class Replicator:
         while session.next_event() is not None:
             pass
         peer.wake()
+
+    def _handle_routed(self, peer: _PeerSync, name: str, payload: bytes) -> None:
+        reader = Reader(payload)
+        reader.read_uvarint()  # ROUTED
+        origin = reader.read_bytes(ORIGIN_SIZE)
+        update = reader.read_var_bytes(self._config.max_update_size)
+        if reader.remaining:
+            raise FrameError(f"{reader.remaining} bytes after a routed update")
+        digest = hashlib.blake2b(update, digest_size=16, person=origin).digest()
+        seen_key = encode_var_string(name) + digest
+        if seen_key in self._seen:
+            self._seen.move_to_end(seen_key)
+            self._counts["duplicates"] += 1
+            return
+        self._seen[seen_key] = None
+        if len(self._seen) > self._config.max_seen_updates:
+            self._seen.popitem(last=False)
+        if name in self._docs:
+            session = peer.sessions.get(name) or self._start_session(peer, name)
+            self._origin, self._routed, self._routed_changed = peer, True, False
+            try:
+                session.receive_message(encode_message(Update(update=update)))
+            finally:
+                self._origin, self._routed = None, False
+            while session.next_event() is not None:
+                pass
+            if not self._routed_changed:
+                # nothing new: it was forwarded when it first arrived (by whatever way)
+                self._counts["duplicates"] += 1
+                return
+        else:
+            validate_update(update)  # in transit: at least well-formed
+        if self._me is not None and origin == self._me_prefix:
+            return  # our own update, back through a loop: our tree already has it
+        key = None
+        if name not in self._flooded and self._link_graph() is not None:
+            key = self._by_prefix.get(origin)
+        for target in self._targets(name, key, peer):
+            self._enqueue(target, name, origin, update)
 
     async def _write_loop(self, peer: _PeerSync, stream: MuxStream) -> None:
         batch = self._config.batch_interval
@@ -331,13 +518,14 @@ class Replicator:
             if (session := peer.sessions.get(name)) is not None:
                 session.send_update(self._docs[name].get_update())
         peer.resync.clear()
-        for name, updates in peer.pending.items():
+        frames: list[bytes] = []
+        for (name, origin), updates in peer.pending.items():
             merged = updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates)
-            peer.sessions[name].send_update(merged)
+            body = _ROUTED_TAG + origin + encode_var_bytes(merged)
+            frames.append(encode_frame(encode_var_string(name) + body))
             self._counts["updates_sent"] += 1
         peer.pending.clear()
         peer.pending_size = 0
-        frames: list[bytes] = []
         for name, session in peer.sessions.items():
             prefix = encode_var_string(name)
             frames.extend(encode_frame(prefix + message) for message in session.data_to_send())
