@@ -12,12 +12,15 @@ import struct
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
 
+import aioice.ice
 import anyio
 import pytest
 from anyio.abc import SocketAttribute
 
+from crdtswarm.errors import ConnectError
 from crdtswarm.transport.memory import MemoryNetwork
 from crdtswarm.transport.tcp import TcpTransport
+from crdtswarm.transport.webrtc import WebRTCConfig, WebRTCTransport
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
@@ -155,7 +158,57 @@ class TcpHarness(Harness):
         return await self.client.dial(self.stranger_key, f"tcp://127.0.0.1:{port}")
 
 
-HARNESSES: dict[str, type[Harness]] = {h.name: h for h in (MemoryHarness, TcpHarness)}
+@pytest.fixture(autouse=True)
+def _loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WebRTC on loopback: aioice's only host candidate is 127.0.0.1 (it skips loopback)."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+class SignalHub:
+    """An in-memory signaler network: hands each payload to the addressee's transport."""
+
+    def __init__(self) -> None:
+        self.transports: dict[PublicKey, WebRTCTransport] = {}
+
+    def attach(self, key: PublicKey, transport: WebRTCTransport) -> None:
+        self.transports[key] = transport
+        transport.signaler = HubSignaler(self, key)
+
+
+class HubSignaler:
+    def __init__(self, hub: SignalHub, key: PublicKey) -> None:
+        self.hub = hub
+        self.key = key
+
+    async def send_signal(self, remote_key: PublicKey, payload: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+        target = self.hub.transports.get(remote_key)
+        if target is None or target.local_key is None:
+            raise ConnectError(f"{remote_key.short} is not reachable")
+        target.receive_signal(self.key, payload)
+
+
+class WebRTCHarness(Harness):
+    name = "webrtc"
+
+    def make_transport(self) -> Transport:
+        config = WebRTCConfig(max_message_size=self.max_message_size, connect_timeout=5)
+        return WebRTCTransport(config=config)
+
+    async def start(self) -> None:
+        await super().start()
+        self.hub = SignalHub()
+        for key, transport in ((self.server_key, self.server), (self.client_key, self.client)):
+            assert isinstance(transport, WebRTCTransport)
+            self.hub.attach(key, transport)
+
+    async def dial_unreachable(self) -> Link:
+        return await self.client.dial(self.stranger_key)
+
+
+HARNESSES: dict[str, type[Harness]] = {
+    h.name: h for h in (MemoryHarness, TcpHarness, WebRTCHarness)
+}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
