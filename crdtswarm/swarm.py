@@ -46,6 +46,8 @@ from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
+from crdtswarm.signaling.client import SignalingClient
+from crdtswarm.signals import FORWARD_METHOD, SignalConfig, SignalRouter
 from crdtswarm.sync.directory import (
     DOC_NAME as DIRECTORY_DOC,
 )
@@ -59,6 +61,7 @@ from crdtswarm.sync.replica import PROTOCOL as SYNC_PROTOCOL
 from crdtswarm.sync.replica import ReplicaConfig, ReplicaStatistics, Replicator
 from crdtswarm.sync.store import DocStore
 from crdtswarm.transport.abc import LinkAttribute
+from crdtswarm.transport.webrtc import WebRTCTransport
 
 if TYPE_CHECKING:
     import os
@@ -121,6 +124,8 @@ class SwarmConfig:
     node only has the links the application makes with `Swarm.call`."""
     dial_timeout: float = 10.0
     """Seconds a mesh dial to a member may take (default 10)."""
+    signals: SignalConfig = dataclasses.field(default_factory=SignalConfig)
+    """How WebRTC signals travel (see `crdtswarm.signals.SignalConfig`)."""
     link_publish_delay: float = 1.0
     """Seconds link changes are gathered before our latency row is republished (1)."""
     link_publish_interval: float = 5.0
@@ -219,9 +224,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
     Args:
         identity: this node's keypair; None loads ``data_dir/identity.key`` (creating
             it on first use) or, without ``data_dir``, generates a fresh one.
-        transports: how to reach and be reached; None uses a `TcpTransport` on
-            127.0.0.1 with an ephemeral port.
-        signaling: signaling server URLs (not used yet: WebRTC is not built).
+        transports: how to reach and be reached; None uses a `WebRTCTransport`
+            (no STUN/TURN servers: give your own for NATs) and a `TcpTransport` on
+            127.0.0.1 with an ephemeral port (a bootstrap endpoint others can call).
+        signaling: signaling server URLs (``"ws://host:port"``) through which WebRTC
+            offers reach nodes we have no link to yet. Once in the swarm, signals
+            also travel through peers and the directory, so none is required.
         swarm_key: a 32-byte pre-shared key that makes the swarm private: nodes
             without it cannot complete a handshake with nodes that have it.
         data_dir: where the identity (and later the docs) persist; None: memory only.
@@ -243,11 +251,13 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._identity = identity if identity is not None else self._load_identity()
         if transports is None:
-            from crdtswarm.transport.tcp import TcpTransport  # default transport
+            from crdtswarm.transport.tcp import TcpTransport  # default transports
 
-            transports = [TcpTransport()]
+            transports = [WebRTCTransport(), TcpTransport()]
         if not transports:
             raise ValueError("a swarm needs at least one transport")
+        if isinstance(signaling, str):
+            raise TypeError("signaling is a sequence of URLs, not one string")
         self._transports = list(transports)
         self._signaling = tuple(signaling)
         self._swarm_key = swarm_key
@@ -280,7 +290,24 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
-        self._rpc_handlers: dict[str, RpcHandler] = {PING_METHOD: _echo}
+        self._signaling_client = (
+            SignalingClient(self._identity, self._signaling) if self._signaling else None
+        )
+        self._signals = SignalRouter(
+            self._identity,
+            deliver=self._deliver_signal,
+            peers=lambda: self.peers,
+            directory=lambda: self._directory,
+            client=self._signaling_client,
+            config=self._config.signals,
+        )
+        for transport in self._transports:
+            if isinstance(transport, WebRTCTransport) and transport.signaler is None:
+                transport.signaler = self._signals
+        self._rpc_handlers: dict[str, RpcHandler] = {
+            PING_METHOD: _echo,
+            FORWARD_METHOD: self._signals.handle_forward,
+        }
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
         self._dials: dict[PublicKey, anyio.Event] = {}
         self._pending_handshakes = 0
@@ -306,8 +333,17 @@ class Swarm(anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Swarm]:
         _check_backend()
+        async with contextlib.AsyncExitStack() as stack:
+            if self._signaling_client is not None:
+                await stack.enter_async_context(self._signaling_client)
+            async with self._run() as node:
+                yield node
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncGenerator[Swarm]:
         async with anyio.create_task_group() as tg:
             self._task_group = tg
+            tg.start_soon(self._signals.run)
             try:
                 for transport in self._transports:
                     addresses = await tg.start(
@@ -387,6 +423,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     self._emit(event)
                 if isinstance(event, MemberLeft):
                     self._mesh.forget([event.public_key])
+            self._signals.poll_directory()
             rows = directory.latency_rows()
             if rows != self._rows:  # the link graph changed: route updates along the new one
                 self._rows = rows
@@ -446,6 +483,11 @@ class Swarm(anyio.AsyncContextManagerMixin):
             with anyio.move_on_after(self._config.mesh.tick_interval):
                 await self._mesh_wakeup.wait()
             self._mesh_wakeup = anyio.Event()
+
+    def _deliver_signal(self, sender: PublicKey, payload: bytes) -> None:
+        for transport in self._transports:
+            if isinstance(transport, WebRTCTransport) and transport.signaler is self._signals:
+                transport.receive_signal(sender, payload)
 
     def _remember_contact(self, key: PublicKey, channel: SecureChannel) -> None:
         address = channel.extra(LinkAttribute.remote_address, None)

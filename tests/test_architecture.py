@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "crdtswarm.relay": 5,
     "crdtswarm.mesh": 5,
     "crdtswarm.routing": 5,
+    "crdtswarm.signals": 5,
     "crdtswarm.sync": 5,
     "crdtswarm.swarm": 6,
     "crdtswarm.testing": 7,
