@@ -28,7 +28,10 @@ Rules:
    it once, as fast as the network allows. We fall back to every peer but the
    sender (flooding) when there is no graph, O is unknown or ambiguous, we are not
    in O's tree, a child of ours is not linked to us, or the update came over a
-   graph link from a node that is not our parent (the views disagree). Documents
+   graph link from a node that is not our parent (the views disagree); such an
+   update is then sent as ``FLOODED`` (uvarint 101, same layout), and every node
+   that receives it floods it on (a tree with a hole cannot be patched locally:
+   the nodes below the hole would not know). Documents
    named in ``flooded`` (the directory, which carries the rows themselves) are
    always flooded. Routed updates are forwarded whether or not we have the
    document open (after a structural check), so replicas separated by other nodes
@@ -48,9 +51,11 @@ Rules:
 7. Hostile input. A malformed message or an update pycrdt cannot apply raises
    `crdtswarm.errors.FrameError` / `crdtswarm.errors.SyncError`; the local document is
    untouched, the error is logged and ``on_protocol_error`` drops the link.
-8. Repair. Every ``anti_entropy_interval`` we send our state vectors to one peer
-   chosen at random: whatever a disagreement between link graphs kept from us or
-   from it is exchanged then.
+8. Repair. When a link goes down, we send our state vectors to every peer left
+   (what was in flight on that link may have been the only way an update had to
+   part of the tree), and every ``anti_entropy_interval`` to one peer chosen at
+   random: whatever a disagreement between link graphs kept from us or from it is
+   exchanged then.
 """
 
 from __future__ import annotations
@@ -87,7 +92,15 @@ if TYPE_CHECKING:
     from crdtswarm.mux import MuxStream
     from crdtswarm.sync.store import DocStore
 
-__all__ = ["ORIGIN_SIZE", "PROTOCOL", "ROUTED", "ReplicaConfig", "ReplicaStatistics", "Replicator"]
+__all__ = [
+    "FLOODED",
+    "ORIGIN_SIZE",
+    "PROTOCOL",
+    "ROUTED",
+    "ReplicaConfig",
+    "ReplicaStatistics",
+    "Replicator",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +109,10 @@ ROUTED = 100
 """The message type of a routed update (not a y-protocols type)."""
 ORIGIN_SIZE = 4
 """Bytes of the origin's key that a routed update carries."""
+FLOODED = 101
+"""The message type of a routed update that goes to every peer from here on."""
 _ROUTED_TAG = encode_uvarint(ROUTED)
+_FLOODED_TAG = encode_uvarint(FLOODED)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,7 +168,8 @@ class _PeerSync:
     def __init__(self, key: PublicKey) -> None:
         self.key = key
         self.sessions: dict[str, SyncSession] = {}
-        self.pending: dict[tuple[str, bytes], list[bytes]] = {}  # (doc, origin) -> updates
+        # (doc, origin, flooded) -> updates to send
+        self.pending: dict[tuple[str, bytes, bool], list[bytes]] = {}
         self.pending_size = 0
         self.resync: set[str] = set()
         self.wakeup = anyio.Event()
@@ -274,12 +291,13 @@ class Replicator:
             self._graph, self._by_prefix = graph, by_prefix
         return self._graph
 
-    def _exchange_state(self) -> None:
-        """Send our state vectors to one random peer (rule 8)."""
-        peers = [p for p in self._peers.values() if p.writers]
-        if not peers:
-            return
-        peer = self._rng.choice(peers)
+    def _exchange_state(self, peer: _PeerSync | None = None) -> None:
+        """Send our state vectors to ``peer`` (default: one at random; rule 8)."""
+        if peer is None:
+            peers = [p for p in self._peers.values() if p.writers]
+            if not peers:
+                return
+            peer = self._rng.choice(peers)
         for name in self._docs:
             session = peer.sessions.get(name)
             if session is not None and not session.is_failed:
@@ -314,10 +332,12 @@ class Replicator:
             self._routed_changed = True  # _handle_routed forwards it as it came
             return
         # a local edit, or a change applied from a step 2: we are its origin (rule 2)
-        for peer in self._targets(name, self._me, self._origin):
-            self._enqueue(peer, name, self._me_prefix, update)
+        targets, flood = self._targets(name, self._me, self._origin)
+        for peer in targets:
+            self._enqueue(peer, (name, self._me_prefix, flood), update)
 
-    def _enqueue(self, peer: _PeerSync, name: str, origin: bytes, update: bytes) -> None:
+    def _enqueue(self, peer: _PeerSync, key: tuple[str, bytes, bool], update: bytes) -> None:
+        name = key[0]
         if peer.pending_size + len(update) > self._config.max_queued_size:
             peer.log.warning("send queue full for %r: falling back to a full resync", name)
             peer.pending.clear()
@@ -325,18 +345,21 @@ class Replicator:
             peer.resync.update(peer.sessions)
             self._counts["resyncs"] += 1
         else:
-            peer.pending.setdefault((name, origin), []).append(update)
+            peer.pending.setdefault(key, []).append(update)
             peer.pending_size += len(update)
         peer.wake()
 
     def _targets(
         self, name: str, origin: PublicKey | None, sender: _PeerSync | None
-    ) -> list[_PeerSync]:
-        """The peers an update of ``name`` from ``origin`` received from ``sender`` goes to."""
+    ) -> tuple[list[_PeerSync], bool]:
+        """Where an update of ``name`` from ``origin`` received from ``sender`` goes.
+
+        Returns the peers, and whether the update is flooded from here on (rule 3).
+        """
         peers = self._peers
         everyone = [p for p in peers.values() if p is not sender]
         if name in self._flooded:
-            return everyone
+            return everyone, False
         graph, me = self._link_graph(), self._me
         if graph is None or origin is None or me is None or me not in graph:
             return self._flood(everyone)
@@ -359,12 +382,12 @@ class Replicator:
                 targets.append(peer)
         # links the graph does not show yet: the peer may be nobody else's child
         targets.extend(p for k, p in peers.items() if p is not sender and not graph.has_edge(me, k))
-        return targets
+        return targets, False
 
-    def _flood(self, everyone: list[_PeerSync]) -> list[_PeerSync]:
+    def _flood(self, everyone: list[_PeerSync]) -> tuple[list[_PeerSync], bool]:
         if self._graph is not None and everyone:
             self._counts["floods"] += 1
-        return everyone
+        return everyone, True
 
     def _start_session(self, peer: _PeerSync, name: str) -> SyncSession:
         session = SyncSession(
@@ -392,6 +415,10 @@ class Replicator:
         peer.users -= 1
         if peer.users == 0 and self._peers.get(peer.key) is peer:
             del self._peers[peer.key]
+            # what was in flight on that link is lost, and with it maybe the only path
+            # an update had to part of the tree: compare states with everyone left
+            for other in self._peers.values():
+                self._exchange_state(other)
 
     async def run_peer(
         self, key: PublicKey, open_stream: Callable[[], Awaitable[MuxStream]]
@@ -441,7 +468,7 @@ class Replicator:
         name = reader.read_var_string(self._config.max_name_size)
         payload = reader.read_rest()
         self._counts["messages_received"] += 1
-        if payload[:1] == _ROUTED_TAG:
+        if payload[:1] in (_ROUTED_TAG, _FLOODED_TAG):
             self._handle_routed(peer, name, payload)
             return
         if name not in self._docs:
@@ -458,7 +485,7 @@ class Replicator:
 
     def _handle_routed(self, peer: _PeerSync, name: str, payload: bytes) -> None:
         reader = Reader(payload)
-        reader.read_uvarint()  # ROUTED
+        flooding = reader.read_uvarint() == FLOODED
         origin = reader.read_bytes(ORIGIN_SIZE)
         update = reader.read_var_bytes(self._config.max_update_size)
         if reader.remaining:
@@ -489,11 +516,15 @@ class Replicator:
             validate_update(update)  # in transit: at least well-formed
         if self._me is not None and origin == self._me_prefix:
             return  # our own update, back through a loop: our tree already has it
-        key = None
-        if name not in self._flooded and self._link_graph() is not None:
-            key = self._by_prefix.get(origin)
-        for target in self._targets(name, key, peer):
-            self._enqueue(target, name, origin, update)
+        if flooding:  # a node upstream could not use the tree: neither can we
+            targets, flood = [p for p in self._peers.values() if p is not peer], True
+        else:
+            key = None
+            if name not in self._flooded and self._link_graph() is not None:
+                key = self._by_prefix.get(origin)
+            targets, flood = self._targets(name, key, peer)
+        for target in targets:
+            self._enqueue(target, (name, origin, flood), update)
 
     async def _write_loop(self, peer: _PeerSync, stream: MuxStream) -> None:
         batch = self._config.batch_interval
@@ -519,9 +550,9 @@ class Replicator:
                 session.send_update(self._docs[name].get_update())
         peer.resync.clear()
         frames: list[bytes] = []
-        for (name, origin), updates in peer.pending.items():
+        for (name, origin, flood), updates in peer.pending.items():
             merged = updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates)
-            body = _ROUTED_TAG + origin + encode_var_bytes(merged)
+            body = (_FLOODED_TAG if flood else _ROUTED_TAG) + origin + encode_var_bytes(merged)
             frames.append(encode_frame(encode_var_string(name) + body))
             self._counts["updates_sent"] += 1
         peer.pending.clear()

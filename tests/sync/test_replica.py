@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pycrdt
 import pytest
 
 from crdtswarm import Identity, PeerDisconnected, Swarm, SwarmConfig
+from crdtswarm.mesh import MeshConfig
 from crdtswarm.protocol.wire import encode_var_string
 from crdtswarm.sync.protocol import SyncStep1, Update, encode_message
 from crdtswarm.sync.replica import PROTOCOL, ReplicaConfig
@@ -255,3 +257,148 @@ async def test_a_sync_step1_flood_drops_the_link(alice: Identity, bob: Identity)
                 if isinstance(event, PeerDisconnected):
                     break
         assert a.statistics().peers == 0
+
+
+ROUTED = SwarmConfig(
+    replica=ReplicaConfig(batch_interval=0.0),
+    mesh=MeshConfig(max_peers=3, tick_interval=0.05, retry_interval=0.05, min_link_age=0.2),
+    link_publish_delay=0.05,
+    link_publish_interval=0.1,
+)
+
+
+def rows_settled(nodes: list[Swarm]) -> bool:
+    """Every node's link graph shows every live link, and all nodes agree on it."""
+    first = nodes[0]._rows
+    return all(
+        node._rows == first
+        and set(first.get(node.public_key, {})) == set(node.peers)
+        and all(p.rtt is not None for p in node.peers.values())
+        for node in nodes
+    )
+
+
+async def wait_rows_settled(nodes: list[Swarm]) -> None:
+    """Wait until `rows_settled`, re-checking on every directory change and peer event."""
+    send, receive = anyio.create_memory_object_stream[None](1000)
+
+    def poke(_event: object = None) -> None:
+        with contextlib.suppress(anyio.WouldBlock):
+            send.send_nowait(None)
+
+    async def forward(node: Swarm) -> None:
+        async for _ in node.events():
+            poke()
+
+    directories = [node.doc("crdtswarm/directory") for node in nodes]
+    subscriptions = [(d, d.observe(poke)) for d in directories]
+    try:
+        with send, receive, anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for node in nodes:
+                    tg.start_soon(forward, node)
+                while not rows_settled(nodes):
+                    await receive.receive()
+                tg.cancel_scope.cancel()
+    finally:
+        for doc, subscription in subscriptions:
+            doc.unobserve(subscription)
+
+
+def totals(nodes: list[Swarm]) -> tuple[int, int, int]:
+    stats = [node.statistics().replication for node in nodes]
+    return (
+        sum(s.updates_sent for s in stats),
+        sum(s.duplicates for s in stats),
+        sum(s.floods for s in stats),
+    )
+
+
+async def test_with_a_settled_link_graph_each_node_gets_an_update_once() -> None:
+    net = SimulatedNetwork(seed=11)
+    idents = [Identity(bytes([i]) * 32) for i in range(1, 9)]
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(Swarm(i, [net.transport()], config=ROUTED))
+            for i in idents
+        ]
+        for node in nodes:
+            notes(node)
+        for node in nodes[1:]:
+            await node.call(nodes[0].public_key)
+        await wait_rows_settled(nodes)
+        docs = [n.doc("notes") for n in nodes]
+        notes(nodes[0])["warm-up"] = True  # lets directory traffic still in flight land
+        await eventually(lambda: all("warm-up" in notes(n) for n in nodes), *docs)
+        await anyio.wait_all_tasks_blocked()
+        before = totals(nodes)
+        for index, node in enumerate(nodes):
+            notes(node)[f"k{index}"] = index
+            await eventually(lambda i=index: all(f"k{i}" in notes(n) for n in nodes), *docs)
+        await anyio.wait_all_tasks_blocked()
+        sent, duplicates, floods = (b - a for a, b in zip(before, totals(nodes), strict=True))
+        # 8 edits, each sent exactly once to each of the 7 other nodes, along a tree
+        assert (sent, duplicates, floods) == (8 * 7, 0, 0)
+
+
+async def test_a_wrong_link_graph_costs_copies_never_updates() -> None:
+    net = SimulatedNetwork(seed=12)
+    idents = [Identity(bytes([i]) * 32) for i in range(11, 17)]
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(Swarm(i, [net.transport()], config=ROUTED))
+            for i in idents
+        ]
+        for node in nodes:
+            notes(node)
+        for node in nodes[1:]:
+            await node.call(nodes[0].public_key)
+        await wait_rows_settled(nodes)
+        # every node believes in a made-up star around node 5, which has no such links
+        keys = [n.public_key for n in nodes]
+        star = {keys[5]: dict.fromkeys(keys[:5], 0.001)} | {k: {keys[5]: 0.001} for k in keys[:5]}
+        for node in nodes:
+            node._replicator.set_link_rows(star)
+        for index, node in enumerate(nodes):
+            notes(node)[f"w{index}"] = index
+        await eventually(
+            lambda: all(len(notes(n)) == len(nodes) for n in nodes),
+            *(n.doc("notes") for n in nodes),
+        )
+        assert totals(nodes)[2] > 0  # it took the flooding fallback
+
+
+def forget_docs(data_dir: Path) -> None:
+    assert (data_dir / "contacts.json").exists()
+    (data_dir / "docs.sqlite3").unlink()
+
+
+async def test_a_restarted_node_calls_its_former_peers_by_itself(
+    alice: Identity, bob: Identity, carol: Identity, tmp_path: Path
+) -> None:
+    net = SimulatedNetwork(seed=13)
+    async with Swarm(carol, [net.transport()], config=FAST):
+        async with Swarm(alice, [net.transport()], config=FAST) as a:
+            await a.call(carol.public_key)
+            async with Swarm(bob, [net.transport()], data_dir=tmp_path, config=FAST) as b:
+                await b.call(alice.public_key)
+        forget_docs(tmp_path)  # b will come back with no directory: only its contacts
+        # a comes back with no memory of b, and not alone (so it looks for nobody)
+        async with Swarm(alice, [net.transport()], config=FAST) as a:
+            await a.call(carol.public_key)
+            events = a.events()
+            async with Swarm(bob, [net.transport()], data_dir=tmp_path, config=FAST) as b:
+                with anyio.fail_after(WAIT):
+                    while bob.public_key not in a.peers:
+                        await anext(events)
+                assert alice.public_key in b.peers
+
+
+async def test_an_unreadable_contacts_file_is_ignored(
+    alice: Identity, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "contacts.json").write_text("{not json")
+    net = SimulatedNetwork(seed=14)
+    async with Swarm(alice, [net.transport()], data_dir=tmp_path, config=FAST) as a:
+        assert a.peers == {}
+    assert "ignoring unreadable contacts file" in caplog.text
