@@ -7,8 +7,9 @@ Two questions, measured in the same run:
    its own one-way latency drawn uniformly from 5-40 ms (seeded), default
    ``SwarmConfig`` otherwise (``max_peers`` 8, ``batch_interval`` 5 ms) except
    that keepalives are stretched (``keepalive_interval`` 120 s) and directory
-   entries made long-lived (``member_ttl`` 1 h), so that no ping or directory
-   refresh falls into a measured window. Each node calls one random earlier node;
+   entries made long-lived (``member_ttl`` and ``latency_ttl`` 1 h), so that no
+   ping or directory refresh falls into a measured window (and no entry expires by
+   the wall clock while the simulated one barely moves). Each node calls one random earlier node;
    the benchmark waits, event-driven, until every directory lists all ``N``
    members and the mesh is stable (each node has ``max_peers`` to
    ``1.5 * max_peers`` links, links are symmetric, the link graph is connected,
@@ -24,10 +25,12 @@ Two questions, measured in the same run:
    * bytes: every message the network carries (tap) from the edit until the
      network has been quiet for 250 ms, divided by ``N - 1``, next to its floor,
      one copy of the encoded Yjs update per node. The ratio includes the Noise
-     (16-byte tag, length), mux and sync framing (document name, y-protocols
-     header) around each copy, and the copies a node receives from several of its
-     neighbours: with a partial mesh an update is forwarded over every link, so a
-     node receives it about once per link it has.
+     (16-byte tag, length), mux and sync framing (document name, message type,
+     4-byte origin) around each copy. Updates travel along the shortest-path tree
+     of the edit's origin, computed from the latency rows every node publishes in
+     the directory (``crdtswarm.sync.replica``, rule 3), so with settled rows each
+     node receives one copy; ``msgs/node`` above 1 means some updates fell back
+     to flooding (rows not yet settled everywhere).
 
    Every node lives in this one process, so the CPU work of all ``N`` nodes
    (Noise, mux, pycrdt, asyncio) is serialised on one core, where in a real swarm
@@ -160,7 +163,7 @@ def sim_config(batch_interval: float, max_peers: int) -> SwarmConfig:
         keepalive_interval=120.0,
         peer_timeout=600.0,
         replica=ReplicaConfig(batch_interval=batch_interval),
-        directory=DirectoryConfig(member_ttl=3600.0),
+        directory=DirectoryConfig(member_ttl=3600.0, latency_ttl=3600.0),
         mesh=MeshConfig(max_peers=max_peers),
     )
 
