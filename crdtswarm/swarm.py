@@ -47,7 +47,7 @@ from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
 from crdtswarm.signaling.client import SignalingClient
-from crdtswarm.signals import FORWARD_METHOD, SignalConfig, SignalRouter
+from crdtswarm.signals import FORWARD_METHOD, SignalConfig, SignalRouter, SignalStatistics
 from crdtswarm.sync.directory import (
     DOC_NAME as DIRECTORY_DOC,
 )
@@ -173,6 +173,8 @@ class SwarmStatistics:
     """Events lost by `Swarm.events` subscribers that did not keep up."""
     replication: ReplicaStatistics
     """Document replication counters."""
+    signals: SignalStatistics
+    """WebRTC signal counters (sent, delivered, rejected, forwarded, via the directory)."""
 
 
 class _Subscription:
@@ -616,6 +618,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             pending_handshakes=self._pending_handshakes,
             events_dropped=dropped,
             replication=self._replicator.statistics(),
+            signals=self._signals.statistics(),
             **self._counters,
         )
 
