@@ -9,11 +9,13 @@ way available at once:
 1. through the swarm: an RPC (`FORWARD_METHOD`) to the recipient when it is linked
    to us, else to the linked peers that can reach it in one hop (those whose
    latency row lists it, those through which a signal from it reached us lately,
-   up to ``max_forwarders``); a peer forwards only to a node linked to it;
+   or, knowing none, a few at random; up to ``max_forwarders``); a peer forwards
+   only to a node linked to it;
 2. through every connected signaling server (`crdtswarm.signaling.SignalingClient`);
 3. through the directory (`crdtswarm.sync.directory.Directory.post_signal`), when
-   neither of the above took it: it reaches the recipient wherever it is in the
-   swarm, a little later.
+   no peer took it and the recipient is a member (a server may not know the
+   recipient, and says so only later): it reaches the recipient wherever it is in
+   the swarm, a little later.
 
 So once a node is in the swarm, the signaling servers can all go down: signals to
 other members still arrive. Incoming signals from any of these ways are opened
@@ -28,6 +30,7 @@ recent paths are bounded.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -148,7 +151,7 @@ class SignalRouter:
         )
         self._counts["sent"] += 1
         message = bytes(remote_key) + sealed
-        taken = False
+        taken = on_server = False
 
         async def through_peer(peer: Peer) -> None:
             nonlocal taken
@@ -160,13 +163,13 @@ class SignalRouter:
                 taken = True
 
         async def through_servers(client: SignalingClient) -> None:
-            nonlocal taken
+            nonlocal on_server
             try:
                 await client.send(remote_key, sealed)
             except ConnectError as exc:
                 logger.debug("signal to %s: no signaling server: %s", remote_key.short, exc)
             else:
-                taken = True
+                on_server = True  # handed to a server, which may not know the recipient
 
         async with anyio.create_task_group() as tg:
             for peer in self._forwarders(remote_key):
@@ -176,10 +179,11 @@ class SignalRouter:
         if taken:
             return
         directory = self._directory()
-        if directory is None:
+        if directory is not None and remote_key in directory.members:
+            directory.post_signal(remote_key, sealed, ttl=self._config.signal_ttl)
+            self._counts["via_directory"] += 1
+        elif not on_server:
             raise ConnectError(f"no way to send a signal to {remote_key.short}")
-        directory.post_signal(remote_key, sealed, ttl=self._config.signal_ttl)
-        self._counts["via_directory"] += 1
 
     def _forwarders(self, remote_key: PublicKey) -> list[Peer]:
         peers = self._peers()
@@ -195,6 +199,8 @@ class SignalRouter:
             for author, row in directory.latency_rows().items():
                 if remote_key in row and author in peers and peers[author] not in chosen:
                     chosen.append(peers[author])
+        if not chosen:  # nobody known to reach it: ask a few peers, who refuse fast
+            chosen = random.sample(list(peers.values()), min(len(peers), 3))
         return chosen[: self._config.max_forwarders]
 
     # -- receiving -----------------------------------------------------------------------
