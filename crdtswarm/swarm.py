@@ -43,6 +43,7 @@ from crdtswarm.mesh import MeshConfig, MeshPolicy
 from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
+from crdtswarm.protocol.routing import LinkGraph, Route, Router
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
@@ -290,6 +291,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._mesh_wakeup = anyio.Event()
         self._links_changed = anyio.Event()
         self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
+        self._router: Router[PublicKey] = Router(self.public_key)
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._signaling_client = (
@@ -430,6 +432,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             if rows != self._rows:  # the link graph changed: route updates along the new one
                 self._rows = rows
                 self._replicator.set_link_rows(rows)
+                self._router.update(LinkGraph.from_rows(rows))
             self._mesh_wakeup.set()
 
     async def _run_links(self) -> None:
@@ -592,6 +595,16 @@ class Swarm(anyio.AsyncContextManagerMixin):
     def addresses(self) -> list[str]:
         """Where this node can be dialled directly, e.g. ``["tcp://127.0.0.1:4242"]``."""
         return list(self._addresses)
+
+    def route(self, public_key: PublicKey | str) -> Route[PublicKey]:
+        """The best path to ``public_key`` known from the members' latency rows.
+
+        ``route.hops`` are the relays (empty when direct), ``route.latency`` the
+        expected round trip in seconds, or None when no path through at most two
+        relays is known. Routes switch only to clearly better paths (hysteresis).
+        """
+        key = PublicKey.parse(public_key) if isinstance(public_key, str) else public_key
+        return self._router.route(key)
 
     @property
     def members(self) -> set[PublicKey]:

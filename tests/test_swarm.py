@@ -438,3 +438,36 @@ async def test_keepalive_detects_a_dead_peer(alice: Identity, bob: Identity) -> 
         # the clock runs from the last frame received, at most one keepalive interval ago
         assert 0.6 - 0.1 - 0.05 <= elapsed < 5
         assert (await next_event(a_events, PeerDisconnected)).public_key == bob.public_key
+
+
+async def test_route_follows_the_latency_rows() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    net = SimulatedNetwork(seed=21)
+    config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.01)
+    async with (
+        Swarm(transports=[net.transport()], config=config) as a,
+        Swarm(transports=[net.transport()], config=config) as b,
+        Swarm(transports=[net.transport()], config=config) as c,
+    ):
+        assert a.route(c.public_key).latency is None  # nothing known yet
+        net.set_latency(a.public_key, b.public_key, 0.010)
+        net.set_latency(b.public_key, c.public_key, 0.010)
+        await b.call(a.public_key)
+        await b.call(c.public_key)
+        directory = a.doc("crdtswarm/directory")
+        changed = anyio.Event()
+        subscription = directory.observe(lambda _e: changed.set())
+        try:
+            with anyio.fail_after(10):
+                while a.route(c.public_key).latency is None:
+                    await changed.wait()
+                    changed = anyio.Event()
+                    await anyio.wait_all_tasks_blocked()  # let the node take the change in
+        finally:
+            directory.unobserve(subscription)
+        route = a.route(str(c.public_key))
+        assert route.hops == (b.public_key,)
+        assert 0.039 <= route.latency < 0.1  # two round trips of 20 ms
+        assert a.route(b.public_key).hops == ()

@@ -25,11 +25,13 @@ multicast, as MOSPF does), instead of flooding it over every link.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["LinkGraph", "ShortestPathTree"]
+__all__ = ["LinkGraph", "Route", "Router", "RoutingConfig", "ShortestPathTree", "best_path"]
 
 Node = TypeVar("Node", bound=Hashable)
 
@@ -162,3 +164,131 @@ class LinkGraph(Generic[Node]):
                     heapq.heappush(heap, entry)
         tree = self._trees[root] = ShortestPathTree(root, parent, distance)
         return tree
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[Node]):
+    """A path to a node: the relays to go through, and what the path is expected to cost."""
+
+    hops: tuple[Node, ...]
+    """The relays in order, empty for a direct path."""
+    latency: float | None
+    """Expected round-trip time in seconds along the path; None when unreachable."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoutingConfig:
+    """How routes are chosen (see `Router`)."""
+
+    max_relays: int = 2
+    """Most relays a path may go through (2)."""
+    switch_margin: float = 0.010
+    """Seconds of round trip a new path must save before we switch to it (10 ms)."""
+    switch_ratio: float = 0.9
+    """A new path must also cost at most this fraction of the current one (0.9)."""
+
+    def __post_init__(self) -> None:
+        if self.max_relays < 0:
+            raise ValueError(f"max_relays must be >= 0, got {self.max_relays}")
+        if self.switch_margin < 0 or not 0 < self.switch_ratio <= 1:
+            raise ValueError("switch_margin must be >= 0 and switch_ratio in (0, 1]")
+
+
+def best_path(
+    graph: LinkGraph[Node], source: Node, target: Node, max_relays: int
+) -> tuple[tuple[Node, ...], float] | None:
+    """The cheapest path from ``source`` to ``target`` through at most ``max_relays`` relays.
+
+    Returns the relays in order and the path's weight, or None when no such path
+    exists. Ties go to fewer relays, then to the smaller keys (bytes order), so the
+    answer is deterministic. Bellman-Ford bounded to ``max_relays + 1`` edges:
+    O((max_relays + 1) * E).
+    """
+    if source == target:
+        return (), 0.0
+    adjacent, order = graph._adjacent, graph._order
+
+    def rank(weight: float, relays: tuple[Node, ...]) -> tuple[float, int, tuple[bytes, ...]]:
+        return weight, len(relays), tuple(order.get(r, b"") for r in relays)
+
+    # best[node]: the cheapest way from source to node found so far, as (weight, the
+    # relays strictly between source and node)
+    best: dict[Node, tuple[float, tuple[Node, ...]]] = {source: (0.0, ())}
+    found: tuple[float, tuple[Node, ...]] | None = None
+    for _ in range(max_relays + 1):  # after round k: every path of at most k + 1 links
+        following = dict(best)
+        for node, (weight, before) in best.items():
+            through = (*before, node) if node != source else ()
+            for neighbour, edge in adjacent.get(node, {}).items():
+                if neighbour == source or neighbour in through:
+                    continue
+                total = weight + edge
+                if neighbour == target:
+                    if found is None or rank(total, through) < rank(*found):
+                        found = (total, through)
+                    continue
+                current = following.get(neighbour)
+                if current is None or rank(total, through) < rank(*current):
+                    following[neighbour] = (total, through)
+        best = following
+    if found is None:
+        return None
+    return found[1], found[0]
+
+
+class Router(Generic[Node]):
+    """Routes from one node to every other, with hysteresis (sans-IO).
+
+    `update` takes a new `LinkGraph`; `route` answers from it. A route in use is
+    kept while all its links are still in the graph, unless a new path saves both
+    ``switch_margin`` seconds and a ``switch_ratio`` share of its cost (like iroh's
+    and Tailscale's path rules), so routes do not flap on measurement noise. A route
+    whose link disappeared (expired row, dead link) is replaced at once.
+    """
+
+    def __init__(self, me: Node, config: RoutingConfig | None = None) -> None:
+        self._me = me
+        self._config = config or RoutingConfig()
+        self._graph: LinkGraph[Node] = LinkGraph({})
+        self._routes: dict[Node, Route[Node]] = {}
+
+    @property
+    def config(self) -> RoutingConfig:
+        """The routing rules."""
+        return self._config
+
+    def update(self, graph: LinkGraph[Node]) -> None:
+        """Use ``graph`` from now on (routes are re-evaluated on their next `route`)."""
+        self._graph = graph
+
+    def route(self, target: Node) -> Route[Node]:
+        """The route to ``target``: kept, switched or dropped per the class rules."""
+        if target == self._me:
+            return Route((), 0.0)
+        graph = self._graph
+        found = best_path(graph, self._me, target, self._config.max_relays)
+        current = self._routes.get(target)
+        current_cost = self._cost(current, target) if current is not None else None
+        if found is None:
+            self._routes.pop(target, None)
+            return Route((), None)
+        hops, cost = found
+        if current is not None and current_cost is not None and current.hops != hops:
+            margin, ratio = self._config.switch_margin, self._config.switch_ratio
+            if not (cost <= current_cost - margin and cost <= current_cost * ratio):
+                route = Route(current.hops, current_cost)  # not clearly better: stay
+                self._routes[target] = route
+                return route
+        route = self._routes[target] = Route(hops, cost)
+        return route
+
+    def _cost(self, route: Route[Node], target: Node) -> float | None:
+        """The cost of ``route`` in the current graph; None when a link of it is gone."""
+        path = [self._me, *route.hops, target]
+        total = 0.0
+        for a, b in itertools.pairwise(path):
+            weight = self._graph._adjacent.get(a, {}).get(b)
+            if weight is None:
+                return None
+            total += weight
+        return total

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crdtswarm.protocol.routing import LinkGraph
+from crdtswarm.protocol.routing import LinkGraph, Route, Router, RoutingConfig, best_path
 
 
 def order(node: int) -> bytes:
@@ -116,3 +116,86 @@ def test_bad_weights_are_refused() -> None:
         graph({1: {2: -1.0}, 2: {1: 1.0}})
     with pytest.raises(ValueError, match="finite"):
         graph({1: {2: math.nan}, 2: {1: 1.0}})
+
+
+def brute_best(rows: dict[int, dict[int, float]], source: int, target: int, max_relays: int):
+    g = graph(rows)
+    best = None
+    others = [n for n in rows if n not in (source, target)]
+    for count in range(max_relays + 1):
+        for relays in itertools.permutations(others, count):
+            path = [source, *relays, target]
+            if not all(g.has_edge(a, b) for a, b in itertools.pairwise(path)):
+                continue
+            weight = sum(g.neighbours(a)[b] for a, b in itertools.pairwise(path))
+            key = (weight, len(relays), tuple(order(r) for r in relays))
+            if best is None or key < best[0]:
+                best = (key, tuple(relays))
+    return None if best is None else (best[1], best[0][0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(symmetric_rows(), st.integers(0, 3), st.data())
+def test_best_path_matches_brute_force(rows, max_relays, data) -> None:
+    source = data.draw(st.sampled_from(sorted(rows)))
+    target = data.draw(st.sampled_from(sorted(rows)))
+    found = best_path(graph(rows), source, target, max_relays)
+    if source == target:
+        assert found == ((), 0.0)
+        return
+    expected = brute_best(rows, source, target, max_relays)
+    assert found == expected
+
+
+def test_a_relay_is_used_only_when_clearly_better() -> None:
+    me, far, relay = 1, 2, 3
+    rows = {
+        me: {far: 0.100, relay: 0.020},
+        far: {me: 0.100, relay: 0.020},
+        relay: {me: 0.020, far: 0.020},
+    }
+    router = Router(me, RoutingConfig(switch_margin=0.010, switch_ratio=0.9))
+    router.update(graph(rows))
+    assert router.route(far) == Route((relay,), 0.040)
+    # the direct link improves a little: not enough to switch back
+    rows[me][far] = rows[far][me] = 0.035
+    router.update(graph(rows))
+    assert router.route(far) == Route((relay,), 0.040)
+    # ... then clearly: switch
+    rows[me][far] = rows[far][me] = 0.010
+    router.update(graph(rows))
+    assert router.route(far) == Route((), 0.010)
+
+
+def test_a_route_whose_link_died_is_replaced_at_once() -> None:
+    me, far, r1, r2 = 1, 2, 3, 4
+    rows = {
+        me: {r1: 0.010, r2: 0.030},
+        r1: {me: 0.010, far: 0.010},
+        r2: {me: 0.030, far: 0.030},
+        far: {r1: 0.010, r2: 0.030},
+    }
+    router = Router(me)
+    router.update(graph(rows))
+    assert router.route(far) == Route((r1,), 0.020)
+    del rows[r1]  # r1's row expired: its links are gone
+    router.update(graph(rows))
+    assert router.route(far) == Route((r2,), 0.060)
+    del rows[r2]
+    router.update(graph(rows))
+    assert router.route(far) == Route((), None)
+
+
+def test_relays_are_bounded() -> None:
+    chain = {i: {} for i in range(6)}
+    for a in range(5):
+        chain[a][a + 1] = chain[a + 1][a] = 0.001
+    g = graph(chain)
+    assert best_path(g, 0, 3, max_relays=2) == ((1, 2), 0.003)
+    assert best_path(g, 0, 4, max_relays=2) is None
+    router = Router(0, RoutingConfig(max_relays=3))
+    router.update(g)
+    assert router.route(4).hops == (1, 2, 3)
+    assert router.route(0) == Route((), 0.0)
+    with pytest.raises(ValueError, match="max_relays"):
+        RoutingConfig(max_relays=-1)
