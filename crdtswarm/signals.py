@@ -153,7 +153,7 @@ class SignalRouter:
         message = bytes(remote_key) + sealed
         taken = on_server = False
 
-        async def through_peer(peer: Peer) -> None:
+        async def through_peer(peer: Peer, scope: anyio.CancelScope) -> None:
             nonlocal taken
             try:
                 await peer.rpc(FORWARD_METHOD, message, timeout=self._config.forward_timeout)
@@ -161,6 +161,7 @@ class SignalRouter:
                 logger.debug("signal to %s via %s failed: %s", remote_key.short, peer, exc)
             else:
                 taken = True
+                scope.cancel()  # delivered: do not wait for servers that may be down
 
         async def through_servers(client: SignalingClient) -> None:
             nonlocal on_server
@@ -173,7 +174,7 @@ class SignalRouter:
 
         async with anyio.create_task_group() as tg:
             for peer in self._forwarders(remote_key):
-                tg.start_soon(through_peer, peer)
+                tg.start_soon(through_peer, peer, tg.cancel_scope)
             if self._client is not None:
                 tg.start_soon(through_servers, self._client)
         if taken:

@@ -413,6 +413,9 @@ class Replicator:
 
     def _leave(self, peer: _PeerSync) -> None:
         peer.users -= 1
+        if peer.users > 0 and self._peers.get(peer.key) is peer:
+            # a duplicate link ended: what its writer had taken may be lost with it
+            self._exchange_state(peer)
         if peer.users == 0 and self._peers.get(peer.key) is peer:
             del self._peers[peer.key]
             # what was in flight on that link is lost, and with it maybe the only path

@@ -402,3 +402,21 @@ async def test_an_unreadable_contacts_file_is_ignored(
     async with Swarm(alice, [net.transport()], data_dir=tmp_path, config=FAST) as a:
         assert a.peers == {}
     assert "ignoring unreadable contacts file" in caplog.text
+
+
+@pytest.mark.parametrize("trial", range(8))
+async def test_an_edit_survives_two_nodes_calling_each_other_at_once(trial: int) -> None:
+    from crdtswarm.transport.tcp import TcpTransport
+
+    config = SwarmConfig(auto_mesh=False)
+    async with (
+        Swarm(transports=[TcpTransport()], config=config) as a,
+        Swarm(transports=[TcpTransport()], config=config) as b,
+    ):
+        notes(b)  # open on both sides before they link
+        notes(a)["offline"] = trial
+        async with anyio.create_task_group() as tg:  # one of the two links is dropped
+            tg.start_soon(a.call, b.public_key, b.addresses[0])
+            tg.start_soon(b.call, a.public_key, a.addresses[0])
+        # anti-entropy runs every 30 s: the edit must come long before that
+        await eventually(lambda: notes(b).get("offline") == trial, b.doc("notes"))
