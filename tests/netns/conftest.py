@@ -3,12 +3,17 @@
 ``internet`` (one per module): the public namespace with coturn (STUN + TURN over UDP
 and TCP) and the rendezvous, see topology.py. ``site`` (per test): ``site("a", kind)``
 adds a NAT router and a host behind it, removed after the test. ``nodes`` (per test):
-``nodes.spawn(site, "a", ice_servers)`` starts node_app.py in the site's host
-namespace and gives a `Node` handle to send it commands and await its events.
+``nodes.spawn(site, "a", ice_servers)`` starts node_app.py (raw aiortc) and
+``nodes.spawn_swarm(site, "a", ice_servers, signaling=...)`` starts swarm_app.py (a
+crdtswarm Swarm) in the site's host namespace; both give a `Node` handle to send it
+commands and await its events. ``signaling`` (per test): crdtswarm's
+`SignalingServer` (signaling_app.py) in the public namespace, ``.url`` to pass to
+nodes, ``await .kill()`` to make it vanish mid-test.
 
 Everything is torn down in finalizers, failed test or not: node processes are asked
-to quit then killed, coturn and the rendezvous stopped, namespaces deleted. When a
-test fails, the node and service logs and the NAT rules are printed with its report.
+to quit then killed, coturn, the rendezvous and the signaling server stopped,
+namespaces deleted. When a test fails, the node and service logs and the NAT rules
+are printed with its report.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ from typing import IO, Any
 
 import anyio
 import pytest
+from anyio import to_thread
 from anyio.abc import Process, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 HERE = Path(__file__).resolve().parent
 NODE_APP = HERE / "node_app.py"
+SWARM_APP = HERE / "swarm_app.py"
+SIGNALING_APP = HERE / "signaling_app.py"
+SIGNALING_PORT = 8765
 MAX_LINE = 1 << 20
 
 
@@ -227,6 +236,45 @@ class Nodes:
         )  # fmt: skip
         if debug:
             argv.append("--debug")
+        return await self._start(name, argv)
+
+    async def spawn_swarm(
+        self,
+        site: Any,
+        name: str,
+        ice_servers: list[dict[str, str]],
+        *,
+        signaling: tuple[str, ...] = (),
+        tcp: str | None = None,
+        keepalive: tuple[float, float] = (1.0, 5.0),
+        dial_timeout: float = 10.0,
+        connect_timeout: float = 20.0,
+        mesh: dict[str, float] | None = None,
+        debug: bool = False,
+    ) -> Node:
+        """Start a swarm_app.py node in ``site``'s host namespace (see that module)."""
+        interval, timeout = keepalive
+        argv = site.host.argv(
+            sys.executable,
+            str(SWARM_APP),
+            "--name", name,
+            "--ice-servers", json.dumps(ice_servers),
+            "--keepalive-interval", str(interval),
+            "--peer-timeout", str(timeout),
+            "--dial-timeout", str(dial_timeout),
+            "--connect-timeout", str(connect_timeout),
+            "--mesh", json.dumps(mesh or {}),
+            "--doc", "notes",
+        )  # fmt: skip
+        for url in signaling:
+            argv += ["--signaling", url]
+        if tcp is not None:
+            argv += ["--tcp", tcp]
+        if debug:
+            argv.append("--debug")
+        return await self._start(name, argv)
+
+    async def _start(self, name: str, argv: list[str]) -> Node:
         log_path = self.log_dir / f"node-{name}.log"
         log = log_path.open("w")
         process = await anyio.open_process(
@@ -238,7 +286,7 @@ class Nodes:
         return node
 
     async def ready(self, timeout: float = 20.0) -> None:
-        """Wait until every spawned node is registered at the rendezvous."""
+        """Wait until every spawned node is up (registered at its rendezvous or server)."""
         for node in self.started:
             if not node.seen("ready"):
                 await node.expect("ready", timeout)
@@ -264,6 +312,33 @@ async def nodes(
                 for node in pool.started:
                     print(f"--- node {node.name} events ---\n{node.summary()}")
                     print(f"--- node {node.name} stderr (tail) ---\n{_tail(node.log_path)}")
+
+
+class Signaling:
+    """crdtswarm's signaling server (signaling_app.py) running in the public namespace."""
+
+    def __init__(self, service: Any, url: str) -> None:
+        self.service = service
+        self.url = url
+
+    async def kill(self) -> None:
+        """The server vanishes (SIGKILL): its clients see their connections drop."""
+        self.service.proc.kill()
+        await to_thread.run_sync(self.service.proc.wait, 5)
+
+
+@pytest.fixture
+def signaling(internet: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Signaling]:
+    argv = [sys.executable, str(SIGNALING_APP), "--host", topology.SERVICE_IP,
+            "--port", str(SIGNALING_PORT)]  # fmt: skip
+    service = topology.start_service(internet.public, "signaling", argv, tmp_path)
+    try:
+        line = service.reader.wait_for(lambda line: '"ready"' in line, timeout=20)
+        yield Signaling(service, json.loads(line)["url"])
+    finally:
+        service.stop()
+        if _failed(request):
+            print(f"--- signaling server log (tail) ---\n{_tail(service.log_path)}")
 
 
 def _matches(e: dict[str, Any], event: str, match: dict[str, Any]) -> bool:

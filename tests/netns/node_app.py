@@ -2,8 +2,8 @@
 
 The test starts one per host namespace (``ip netns exec <ns> python node_app.py ...``)
 and drives it. Today the node is raw aiortc: one RTCPeerConnection and one data channel
-per peer, offer/answer exchanged through ``rendezvous.py``. The command protocol says
-nothing about aiortc so that a crdtswarm Swarm can replace the innards unchanged.
+per peer, offer/answer exchanged through ``rendezvous.py``: it shows what the networks
+let WebRTC itself do, independently of crdtswarm (whose node is swarm_app.py).
 
 Arguments: ``--name a --rendezvous 192.0.2.1:7000 --ice-servers '[{"urls": ...}]'``
 ``[--heartbeat-interval 1 --heartbeat-timeout 5]`` (interval 0: no heartbeat, loss is

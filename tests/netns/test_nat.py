@@ -3,7 +3,8 @@
 See conftest.py for the fixtures and topology.py for the network. Each test runs two
 node_app.py processes (raw aiortc today) and checks how they connect: which ICE
 candidate pair carries the data, that data echoes, and that the network is as hostile
-as claimed (the configuration that should fail does fail).
+as claimed (the configuration that should fail does fail). A cut network, and
+recovery from it, is tested with the real stack in test_swarm_nat.py.
 """
 
 from __future__ import annotations
@@ -128,33 +129,3 @@ async def test_blocked_udp_leaves_only_turn_over_tcp(internet, site, nodes):
     async with anyio.create_task_group() as tg:
         tg.start_soon(over_tcp)
         tg.start_soon(over_udp_fails)
-
-
-HEARTBEAT = (1.0, 5.0)  # node_app's data channel heartbeat: interval, silence limit
-
-
-async def test_cut_network_is_detected_and_recovered(internet, site, nodes):
-    a_site, b_site = site("a", "port-preserving"), site("b", "port-preserving")
-    ice = internet.ice_servers("stun")  # direct both times (see the first test on TURN)
-    a = await nodes.spawn(a_site, "a", ice, heartbeat=HEARTBEAT)
-    b = await nodes.spawn(b_site, "b", ice, heartbeat=HEARTBEAT)
-    await nodes.ready()
-    await connect(a, b)
-    await assert_echoes(a, b, "before")
-
-    a_site.cut()
-    cut_at = anyio.current_time()
-    lost_b = await b.expect("disconnected", 15, peer="a")
-    detected_b = anyio.current_time() - cut_at
-    lost_a = await a.expect("disconnected", 15, peer="b")
-    print(f"loss detected by b after {detected_b:.1f} s: {lost_b}; by a: {lost_a}")
-    for lost in (lost_a, lost_b):
-        assert lost["reason"].startswith("heartbeat timeout")
-        assert lost["silent_ms"] >= HEARTBEAT[1] * 1000
-    assert detected_b < HEARTBEAT[1] + 2 * HEARTBEAT[0] + 1
-
-    a_site.restore()
-    again = await connect(a, b)
-    assert [report["candidate_type"] in ("srflx", "prflx") for report in again] == [True, True]
-    await assert_echoes(a, b, "after")
-    await assert_echoes(b, a, "after, back")

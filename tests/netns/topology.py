@@ -3,7 +3,8 @@
 ::
 
                      cs<tag>-pub  ("the internet": a router, ip_forward=1)
-                     lo 192.0.2.1: coturn :3478 udp+tcp, rendezvous :7000 tcp
+                     lo 192.0.2.1: coturn :3478 udp+tcp, rendezvous :7000 tcp,
+                                   (per test) crdtswarm signaling :8765 ws
                      default route -> veth "void" (silently dropped)
           s1 100.64.1.1 /              \\ s2 100.64.2.1    (site i: 100.64.i.0/24)
                        /                \\
@@ -28,7 +29,9 @@ NAT kinds (iptables in the NAT router's namespace, see `Site`):
 
 Both kinds filter alike: the router forwards from wan to lan only packets of
 conntrack-known flows (ESTABLISHED,RELATED) and silently drops everything else that
-arrives on wan, so unsolicited inbound packets never reach the host.
+arrives on wan, so unsolicited inbound packets never reach the host, except on a
+TCP port the site forwards (`Site.forward_tcp`: DNAT, as a home router exposes a
+service).
 """
 
 from __future__ import annotations
@@ -180,6 +183,19 @@ class Site:
         if not self._udp_blocked:
             self._ipt("-I", "FORWARD", "1", *self._UDP_RULE)
             self._udp_blocked = True
+
+    def forward_tcp(self, port: int) -> None:
+        """Port-forward TCP ``port`` of the router's public address to the host (DNAT).
+
+        Connections from anywhere to ``wan_ip:port`` reach ``host_ip:port``; the rest of
+        the filtering is unchanged (and `cut` still drops them).
+        """
+        target = f"{self.host_ip}:{port}"
+        self._ipt("-t", "nat", "-A", "PREROUTING", "-i", "wan", "-p", "tcp", "--dport",
+                  str(port), "-j", "DNAT", "--to-destination", target)  # fmt: skip
+        self._ipt("-A", "FORWARD", "-i", "wan", "-o", "lan", "-p", "tcp", "-d", self.host_ip,
+                  "--dport", str(port), "-m", "conntrack", "--ctstate", "DNAT",
+                  "-j", "ACCEPT")  # fmt: skip
 
     def cut(self) -> None:
         """Silently drop all of the host's traffic, both ways (a dead uplink)."""
