@@ -89,3 +89,59 @@ def test_convergence_smoke() -> None:
     }
     assert "ratio" in stdout
     assert (ROOT / "benchmarks" / "results" / "convergence.json").exists()
+
+
+def test_routing_smoke() -> None:
+    rows, stdout = run_quick("routing")
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(row["name"], []).append(row)
+    assert set(by_name) == {"routing_quality", "routing_traffic", "routing_failover"}
+    for name, results in by_name.items():
+        assert {(row["mesh"], row["n"]) for row in results} == {
+            ("random", 30),
+            ("near+random", 30),
+        }, name
+    for row in by_name["routing_quality"]:
+        # the Router sees the mesh's own links: it can match, never beat, the optimum
+        assert row["stretch_vs_mesh_opt_median"] >= 1.0
+        assert row["route_mean_ms"] >= row["mesh_opt_mean_ms"] > 0
+        assert row["onehop_opt_mean_ms"] <= row["direct_mean_ms"]
+        assert 0 <= row["share_better_than_direct"] <= 1
+    for row in by_name["routing_failover"]:
+        assert row["affected_routes"] > 0
+        assert 0 < row["median_s"] <= row["max_s"]
+    for row in by_name["routing_traffic"]:
+        assert row["probe_bytes_per_node_per_s"] > 0
+        assert row["gossip_bytes_per_node_per_s"] > row["gossip_tree_bytes_per_node_per_s"] > 0
+    assert "stretch" in stdout
+    assert (ROOT / "benchmarks" / "results" / "routing-quick.json").exists()
+
+
+def test_webrtc_smoke() -> None:
+    rows, stdout = run_quick("webrtc")
+    names = {row["name"] for row in rows}
+    assert {
+        "raw_connect_seq",
+        "raw_connect_par",
+        "crdtswarm_join",
+        "crdtswarm_mesh",
+        "raw_webrtc_stream_1proc",
+        "crdtswarm_webrtc_stream_1proc",
+        "raw_webrtc_stream_2proc",
+        "crdtswarm_webrtc_stream_2proc",
+    } <= names
+    assert all(row["value"] > 0 for row in rows)
+    (join,) = [row for row in rows if row["name"] == "crdtswarm_join"]
+    assert (join["n"], join["links"]) == (3, 2)
+    assert join["ratio_vs_raw_seq"] > 0
+    (mesh,) = [row for row in rows if row["name"] == "crdtswarm_mesh"]
+    assert (mesh["n"], mesh["links"]) == (5, 10)
+    assert 0 < mesh["calls_ms"] <= mesh["value"]
+    for row in rows:
+        if row["name"].endswith(("_1proc", "_2proc")):
+            assert row["cpu_s_per_mb"] > 0
+        if row["name"].startswith("crdtswarm_webrtc_stream"):
+            assert row["ratio_vs_raw"] > 0
+    assert "ratio" in stdout
+    assert (ROOT / "benchmarks" / "results" / "webrtc.json").exists()
