@@ -10,7 +10,17 @@ socket or file behind.
 
 Duplicate links: when two nodes call each other at the same moment, both keep the
 link that the node with the smaller public key dialled (`crdtswarm.peer` computes
-the rule) and close the other; applications see one `PeerConnected`.
+the rule) and close the other; applications see one `PeerConnected`. A direct link
+always wins over a relayed one, whoever dialled.
+
+Relays (`crdtswarm.relay`): every node relays for its peers (`SwarmConfig.relay`)
+and can be reached through them: `Swarm.call` without an address, and
+`Swarm.open_stream`, dial through the relays of `Swarm.route` first when it has
+any, then the transports that dial by key, then through up to three direct peers
+(those whose latency rows show a link to the target first). A relayed link is a normal `Peer` (its
+``remote_address`` is ``relay://...``) whose Noise session runs end to end; it is
+never published in our latency row, never relays further, and is replaced when a
+direct link to the same node comes up (the mesh keeps trying one).
 """
 
 from __future__ import annotations
@@ -44,6 +54,17 @@ from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.protocol.routing import LinkGraph, Route, Router
+from crdtswarm.relay import PROTOCOL as RELAY_PROTOCOL
+from crdtswarm.relay import SCHEME as RELAY_SCHEME
+from crdtswarm.relay import (
+    RelayConfig,
+    RelayService,
+    RelayStatistics,
+    RelayTransport,
+    fallback_relays,
+    is_relayed,
+    relay_address,
+)
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
 from crdtswarm.rpc import PROTOCOL as RPC_PROTOCOL
 from crdtswarm.secure import SecureChannel, establish
@@ -125,6 +146,9 @@ class SwarmConfig:
     node only has the links the application makes with `Swarm.call`."""
     dial_timeout: float = 10.0
     """Seconds a mesh dial to a member may take (default 10)."""
+    signaling_timeout: float = 5.0
+    """Seconds entering a `Swarm` waits to register on a signaling server (5); it
+    goes on without one after that (the client keeps trying)."""
     signals: SignalConfig = dataclasses.field(default_factory=SignalConfig)
     """How WebRTC signals travel (see `crdtswarm.signals.SignalConfig`)."""
     link_publish_delay: float = 1.0
@@ -132,6 +156,8 @@ class SwarmConfig:
     link_publish_interval: float = 5.0
     """Least seconds between two publications of our latency row (5). A stale row
     costs only extra copies of updates, never a lost one (see `crdtswarm.sync.replica`)."""
+    relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
+    """What this node does as a relay for its peers (see `crdtswarm.relay.RelayConfig`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -176,6 +202,8 @@ class SwarmStatistics:
     """Document replication counters."""
     signals: SignalStatistics
     """WebRTC signal counters (sent, delivered, rejected, forwarded, via the directory)."""
+    relay: RelayStatistics
+    """Circuits this node relays for others (now, opened, refused, bytes)."""
 
 
 class _Subscription:
@@ -308,6 +336,20 @@ class Swarm(anyio.AsyncContextManagerMixin):
         for transport in self._transports:
             if isinstance(transport, WebRTCTransport) and transport.signaler is None:
                 transport.signaler = self._signals
+        # -- relays: a RelayTransport in every swarm, and the relay service
+        relay_transport = next((t for t in self._transports if isinstance(t, RelayTransport)), None)
+        if relay_transport is None:
+            relay_transport = RelayTransport()
+            self._transports.append(relay_transport)
+        if relay_transport.opener is None:
+            relay_transport.opener = self._open_relay_stream
+        self._relay_transport = relay_transport
+        self._relay = RelayService(
+            self.public_key,
+            open_stream=self._open_relay_stream,
+            transport=relay_transport,
+            config=self._config.relay,
+        )
         self._rpc_handlers: dict[str, RpcHandler] = {
             PING_METHOD: _echo,
             FORWARD_METHOD: self._signals.handle_forward,
@@ -340,6 +382,10 @@ class Swarm(anyio.AsyncContextManagerMixin):
         async with contextlib.AsyncExitStack() as stack:
             if self._signaling_client is not None:
                 await stack.enter_async_context(self._signaling_client)
+                # registered before anyone learns our key: an offer to a node that
+                # is not registered yet is answered "not here" and would be lost
+                with anyio.move_on_after(self._config.signaling_timeout):
+                    await self._signaling_client.wait_connected()
             async with self._run() as node:
                 yield node
 
@@ -458,7 +504,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 )
             )  # gather a burst of changes, and publish at a bounded rate
             self._links_changed = anyio.Event()
-            row = {k: p.rtt for k, p in self._peers.items() if p.is_connected and p.rtt is not None}
+            row = {k: p.rtt for k, p in self._direct_peers().items() if p.rtt is not None}
             now = anyio.current_time()
             if published is None or now - last_publish >= refresh_every or _moved(published, row):
                 directory.publish_latency(row)
@@ -482,7 +528,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 if not self._peers:  # cut off: those that left may only have restarted
                     for key in directory.departed:
                         candidates.setdefault(key, ())
-                chosen = self._mesh.plan(anyio.current_time(), candidates, self.peers)
+                chosen = self._mesh.plan(anyio.current_time(), candidates, self._direct_peers())
                 for key in chosen:
                     tg.start_soon(self._mesh_dial, key, candidates[key])
             with anyio.move_on_after(self._config.mesh.tick_interval):
@@ -496,6 +542,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
 
     def _remember_contact(self, key: PublicKey, channel: SecureChannel) -> None:
         address = channel.extra(LinkAttribute.remote_address, None)
+        if is_relayed(channel):  # relay paths go stale: not worth keeping
+            address = None
         addresses = (address,) if channel.is_initiator and address else ()
         previous = self._contacts.pop(key, ())  # re-inserted last: the most recent
         self._contacts[key] = addresses or previous
@@ -546,7 +594,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         """
         limit = self._config.mesh.max_peers
         limit += max(1, limit // 2)
-        peers = self.peers
+        peers = self._direct_peers()
         surplus = len(peers) - limit
         if surplus <= 0:
             return
@@ -567,7 +615,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             options.append(None)
         for address in options:
             try:
-                await self.call(key, address, timeout=self._config.dial_timeout)
+                await self._call(key, address, self._config.dial_timeout, direct=True)
             except (ConnectError, TimeoutError, ValueError) as exc:
                 self._log.debug("mesh dial %s at %s failed: %s", key.short, address, exc)
                 continue
@@ -620,7 +668,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
 
     @property
     def peers(self) -> dict[PublicKey, Peer]:
-        """The nodes this node has a direct link to now (a snapshot)."""
+        """The nodes this node is linked to now, directly or through a relay (a snapshot)."""
         return {key: peer for key, peer in self._peers.items() if peer.is_connected}
 
     def statistics(self) -> SwarmStatistics:
@@ -632,6 +680,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             events_dropped=dropped,
             replication=self._replicator.statistics(),
             signals=self._signals.statistics(),
+            relay=self._relay.statistics(),
             **self._counters,
         )
 
@@ -714,8 +763,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
     ) -> Peer:
         """Link to the node ``public_key`` (at ``address`` when given) and return its `Peer`.
 
-        Returns at once when a link is already up. Concurrent calls to the same
-        node share one attempt.
+        Returns at once when a link is already up (a relayed one is upgraded when
+        ``address`` is a direct address). Concurrent calls to the same node share
+        one attempt. Without ``address``, relays are tried too: the route's relays
+        first (`route`), then the transports that dial by key, then up to three
+        direct peers as relays (those whose latency rows show a link to the node
+        first).
 
         Raises:
             TimeoutError: no authenticated link within ``timeout`` seconds.
@@ -726,6 +779,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
             ValueError: the key is malformed, is our own, or no transport
                 understands ``address``.
         """
+        return await self._call(public_key, address, timeout, direct=False)
+
+    async def _call(
+        self, public_key: PublicKey | str, address: str | None, timeout: float, *, direct: bool
+    ) -> Peer:
+        """`call`; with ``direct``, only a direct link will do (the mesh's dials)."""
         key = PublicKey.parse(public_key) if isinstance(public_key, str) else public_key
         if key == self.public_key:
             raise ValueError("a node cannot call itself")
@@ -735,40 +794,52 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._require_running()
         if self._closing:
             raise ConnectError("the swarm is shutting down")
+        direct = direct or (address is not None and not address.startswith(f"{RELAY_SCHEME}://"))
         with anyio.fail_after(timeout):
             while True:
-                peer = self._peers.get(key)
-                if peer is not None and peer.is_connected:
+                peer = self._linked(key, direct=direct)
+                if peer is not None:
                     return peer
                 pending = self._dials.get(key)
                 if pending is None:
                     break
                 await pending.wait()
-                if key in self._peers and self._peers[key].is_connected:
-                    return self._peers[key]
+                if (peer := self._linked(key, direct=direct)) is not None:
+                    return peer
                 # the shared attempt failed: try ourselves (maybe with another address)
             done = self._dials[key] = anyio.Event()
             try:
-                return await self._dial(key, address, candidates)
+                return await self._dial(key, address, candidates, relay=not direct)
             finally:
                 del self._dials[key]
                 done.set()
 
-    async def _dial(self, key: PublicKey, address: str | None, transports: list[Transport]) -> Peer:
-        if not transports:
+    async def _dial(
+        self,
+        key: PublicKey,
+        address: str | None,
+        transports: list[Transport],
+        *,
+        relay: bool = False,
+    ) -> Peer:
+        attempts: list[tuple[Transport, str | None]] = [(t, address) for t in transports]
+        if relay and address is None:
+            attempts = self._with_relays(key, attempts)
+        if not attempts:
             raise ConnectError(
                 f"no address known for {key.short}: pass address= (one of {key.short}'s "
                 f"node.addresses) or use a transport that dials by key"
             )
         error: BaseException | None = None
-        for transport in transports:
+        for transport, where in attempts:
             self._counters["dials"] += 1
             try:
-                link = await transport.dial(key, address)
+                link = await transport.dial(key, where)
             except (ConnectError, OSError) as exc:
                 self._log.debug("dial %s via %s failed: %s", key.short, transport.scheme, exc)
                 self._counters["dials_failed"] += 1
-                error = exc
+                if not isinstance(error, RemoteProtocolError):  # the node's answer says most
+                    error = exc
                 continue
             try:
                 channel = await establish(
@@ -795,6 +866,49 @@ class Swarm(anyio.AsyncContextManagerMixin):
             return peer
         raise ConnectError(f"could not link to {key.short}: {error}") from error
 
+    # -- relays (crdtswarm.relay) ---------------------------------------------------------
+
+    def _linked(self, key: PublicKey, *, direct: bool) -> Peer | None:
+        """The peer ``key`` when linked (only by a direct link when ``direct``)."""
+        peer = self._peers.get(key)
+        if peer is None or not peer.is_connected or (direct and _is_relayed_peer(peer)):
+            return None
+        return peer
+
+    def _direct_peers(self) -> dict[PublicKey, Peer]:
+        """`peers` without the relayed links: the mesh's active view."""
+        return {k: p for k, p in self.peers.items() if not _is_relayed_peer(p)}
+
+    def _with_relays(
+        self, key: PublicKey, attempts: list[tuple[Transport, str | None]]
+    ) -> list[tuple[Transport, str | None]]:
+        """``attempts`` (the dials by key) with relayed dials before and after them.
+
+        First the route's relays, when the route has any; last, at most 3 of our
+        direct peers as single relays: those whose latency row (or the target's)
+        shows a link to ``key``, cheapest first, then the others by round-trip time
+        (the route may not know a path yet, or any more; a peer without a link to
+        ``key`` refuses at once).
+        """
+        transport = self._relay_transport
+        hops = self.route(key).hops
+        first = [(transport, relay_address(hops, key))] if hops else []
+        peers = {k: p.rtt for k, p in self._direct_peers().items()}
+        tried = hops if len(hops) == 1 else ()
+        last = [
+            (transport, relay_address((relay,), key))
+            for relay in fallback_relays(key, peers, self._rows, exclude=tried)
+        ]
+        return [*first, *attempts, *last]
+
+    async def _open_relay_stream(self, key: PublicKey) -> MuxStream:
+        """A relay substream on our direct link to ``key`` (`crdtswarm.relay.StreamOpener`)."""
+        peer = self._linked(key, direct=True)
+        connection = peer._connection if peer is not None else None
+        if connection is None:
+            raise ConnectError(f"no direct link to {key.short}")
+        return await connection.mux.open_stream(RELAY_PROTOCOL)
+
     def _require_running(self) -> TaskGroup:
         if self._task_group is None:
             raise RuntimeError("the swarm is not running: use `async with Swarm(...)`")
@@ -805,7 +919,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
     async def open_stream(self, public_key: PublicKey | str, protocol: str) -> MuxStream:
         """Open an application stream to ``public_key`` for ``protocol``.
 
-        Links to the node first when needed (by key, on transports that can).
+        Links to the node first when needed, as `call` without an address does
+        (through the route's relays, by key on transports that can, or through a
+        peer linked to the node).
 
         Raises:
             ConnectError: the node cannot be reached.
@@ -869,7 +985,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             raise ConnectError("the swarm is shutting down")
         peer = self._peers.get(key)
         if peer is not None and peer.is_connected:
-            if peer._is_preferred_link or not _is_preferred(channel):
+            if _keeps_existing_link(peer, channel):
                 self._log.debug("duplicate link with %s: keeping the existing one", key.short)
                 self._counters["duplicate_links"] += 1
                 await channel.aclose()
@@ -926,6 +1042,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
             return lambda stream: self._serve_rpc(stream, peer.public_key)
         if protocol == SYNC_PROTOCOL:
             return lambda stream: self._replicator.serve_incoming(stream, peer.public_key)
+        if protocol == RELAY_PROTOCOL:
+            return lambda stream: self._relay.handle_stream(stream, peer.public_key)
         if protocol.startswith(APP_PREFIX):
             handler = self._stream_handlers.get(protocol[len(APP_PREFIX) :])
             if handler is not None:
@@ -946,6 +1064,23 @@ def _moved(published: dict[PublicKey, float], row: dict[PublicKey, float]) -> bo
     if published.keys() != row.keys():
         return True
     return any(abs(row[k] - old) > max(0.002, old / 4) for k, old in published.items())
+
+
+def _is_relayed_peer(peer: Peer) -> bool:
+    connection = peer._connection
+    return connection is not None and is_relayed(connection.channel)
+
+
+def _keeps_existing_link(peer: Peer, channel: SecureChannel) -> bool:
+    """Whether a new link ``channel`` to a linked ``peer`` loses to the existing one.
+
+    A direct link beats a relayed one; between two of a kind, the one the smaller
+    key dialled wins. Both ends compute the same answer.
+    """
+    connection = peer._connection
+    if connection is not None and is_relayed(connection.channel) != is_relayed(channel):
+        return is_relayed(channel)
+    return peer._is_preferred_link or not _is_preferred(channel)
 
 
 async def _echo(payload: bytes, remote_key: PublicKey) -> bytes:
