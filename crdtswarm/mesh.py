@@ -51,6 +51,10 @@ class MeshConfig:
     min_link_age: float = 5.0
     """Seconds a link opened to us is kept before it may be shed for being surplus
     (default 5): time for the newcomer to receive the directory and look elsewhere."""
+    shuffle_interval: float = 30.0
+    """Seconds between two dials to a random member while we already have
+    ``max_peers`` links (default 30; 0 disables), like HyParView's shuffle: a mesh
+    that split into full groups (after a partition, say) joins up again."""
 
 
 @dataclass(slots=True)
@@ -68,6 +72,7 @@ class MeshPolicy:
     rng: random.Random = field(default_factory=random.Random)
     _backoff: dict[PublicKey, _Backoff] = field(default_factory=dict)
     _dialing: set[PublicKey] = field(default_factory=set)
+    _last_shuffle: float | None = None
 
     def plan(
         self, now: float, members: Iterable[PublicKey], linked: Iterable[PublicKey]
@@ -82,6 +87,13 @@ class MeshPolicy:
         active = set(linked)
         want = self.config.max_peers - len(active) - len(self._dialing)
         room = self.config.max_concurrent_dials - len(self._dialing)
+        if self._last_shuffle is None:
+            self._last_shuffle = now
+        interval = self.config.shuffle_interval
+        shuffle_due = interval > 0 and now - self._last_shuffle >= interval
+        if want <= 0 and not self._dialing and shuffle_due:
+            self._last_shuffle = now
+            want = 1  # one link beyond max_peers; surplus links get shed
         if want <= 0 or room <= 0:
             return []
         passive = sorted(

@@ -62,3 +62,19 @@ def test_same_seed_same_choices() -> None:
     a = MeshPolicy(me, MeshConfig(), random.Random(7)).plan(0.0, others, linked=[])
     b = MeshPolicy(me, MeshConfig(), random.Random(7)).plan(0.0, others, linked=[])
     assert a == b
+
+
+def test_a_full_node_dials_one_more_member_now_and_then() -> None:
+    me, *others = keys(10)
+    config = MeshConfig(max_peers=3, shuffle_interval=30.0)
+    policy = MeshPolicy(me, config, random.Random(4))
+    linked = others[:3]
+    assert policy.plan(0.0, others, linked=linked) == []
+    assert policy.plan(29.0, others, linked=linked) == []
+    (extra,) = policy.plan(30.0, others, linked=linked)  # joins up split groups
+    assert extra not in linked
+    policy.dial_succeeded(extra)
+    assert policy.plan(31.0, others, linked=[*linked, extra]) == []
+    assert len(policy.plan(60.0, others, linked=[*linked, extra])) == 1
+    off = MeshPolicy(me, MeshConfig(max_peers=3, shuffle_interval=0.0), random.Random(4))
+    assert off.plan(0.0, others, linked=linked) == off.plan(1000.0, others, linked=linked) == []

@@ -61,7 +61,9 @@ __all__ = ["SwarmMachine"]
 # Quick reconnection after heals: the defaults are tuned for real networks.
 _FAST = SwarmConfig(
     replica=ReplicaConfig(batch_interval=0.0),
-    mesh=MeshConfig(tick_interval=0.05, retry_interval=0.05, max_retry_interval=0.2),
+    mesh=MeshConfig(
+        tick_interval=0.05, retry_interval=0.05, max_retry_interval=0.2, shuffle_interval=0.5
+    ),
     keepalive_interval=1.0,
     peer_timeout=5.0,
 )
