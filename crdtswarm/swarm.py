@@ -144,8 +144,9 @@ class SwarmConfig:
     auto_mesh: bool = True
     """Link to the directory's members by ourselves (default True). With False the
     node only has the links the application makes with `Swarm.call`."""
-    dial_timeout: float = 10.0
-    """Seconds a mesh dial to a member may take (default 10)."""
+    dial_timeout: float = 20.0
+    """Seconds a mesh dial to a member may take (default 20: over WebRTC with UDP
+    blocked, ICE gathering alone waits 5 s for STUN on each side before TURN/TCP)."""
     signaling_timeout: float = 5.0
     """Seconds entering a `Swarm` waits to register on a signaling server (5); it
     goes on without one after that (the client keeps trying)."""
