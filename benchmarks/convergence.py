@@ -165,6 +165,7 @@ def sim_config(batch_interval: float, max_peers: int) -> SwarmConfig:
         replica=ReplicaConfig(batch_interval=batch_interval),
         directory=DirectoryConfig(member_ttl=3600.0, latency_ttl=3600.0),
         mesh=MeshConfig(max_peers=max_peers),
+        probe=None,  # like the stretched keepalives: no ping inside a measured window
     )
 
 

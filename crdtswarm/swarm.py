@@ -53,6 +53,7 @@ from crdtswarm.mesh import MeshConfig, MeshPolicy
 from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
+from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler
 from crdtswarm.protocol.routing import LinkGraph, Route, Router
 from crdtswarm.relay import PROTOCOL as RELAY_PROTOCOL
 from crdtswarm.relay import SCHEME as RELAY_SCHEME
@@ -147,6 +148,9 @@ class SwarmConfig:
     dial_timeout: float = 20.0
     """Seconds a mesh dial to a member may take (default 20: over WebRTC with UDP
     blocked, ICE gathering alone waits 5 s for STUN on each side before TURN/TCP)."""
+    probe: ProbeConfig | None = dataclasses.field(default_factory=ProbeConfig)
+    """When and how each direct link is probed (see `crdtswarm.protocol.probe`);
+    None: only one ping when a link comes up."""
     signaling_timeout: float = 5.0
     """Seconds entering a `Swarm` waits to register on a signaling server (5); it
     goes on without one after that (the client keeps trying)."""
@@ -319,6 +323,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._directory_changed = anyio.Event()
         self._mesh_wakeup = anyio.Event()
         self._links_changed = anyio.Event()
+        self._probe_wakeup = anyio.Event()
+        self._prober: ProbeScheduler[PublicKey] | None = None
         self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
         self._router: Router[PublicKey] = Router(self.public_key)
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
@@ -443,6 +449,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._directory.refresh()
         tg.start_soon(self._run_directory)
         tg.start_soon(self._run_links)
+        tg.start_soon(self._run_probes, tg)
         if self._config.auto_mesh:
             tg.start_soon(self._run_mesh, tg)
 
@@ -505,7 +512,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 )
             )  # gather a burst of changes, and publish at a bounded rate
             self._links_changed = anyio.Event()
-            row = {k: p.rtt for k, p in self._direct_peers().items() if p.rtt is not None}
+            prober = self._prober
+            row = {
+                k: p.rtt
+                for k, p in self._direct_peers().items()
+                if p.rtt is not None and not (prober and k in prober and prober.estimate(k).is_down)
+            }
             now = anyio.current_time()
             if published is None or now - last_publish >= refresh_every or _moved(published, row):
                 directory.publish_latency(row)
@@ -513,9 +525,50 @@ class Swarm(anyio.AsyncContextManagerMixin):
 
     async def _measure_link(self, peer: Peer) -> None:
         """Measure a new link's round-trip time, then have our row republished."""
+        self._probe_wakeup.set()
         with contextlib.suppress(RpcError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             await peer.ping(timeout=self._config.peer_timeout)
         self._links_changed.set()
+
+    async def _run_probes(self, tg: TaskGroup) -> None:
+        """Probe every direct link on the schedule of `crdtswarm.protocol.probe`.
+
+        Each answer feeds ``peer.rtt`` (and the scheduler's estimate); `_run_links`
+        republishes our row when it moved enough; a link the scheduler finds down
+        (probes lost in a row) leaves the row, so routes avoid it.
+        """
+        config = self._config.probe
+        if config is None:
+            return
+        prober = self._prober = ProbeScheduler[PublicKey](config, rng=self._mesh.rng)
+        while True:
+            now = anyio.current_time()
+            direct = self._direct_peers()
+            for key in prober.links:
+                if key not in direct:
+                    prober.remove_link(key, now)
+            for key in direct:
+                if key not in prober:
+                    prober.add_link(key, now)
+            was_down = {k for k in prober.links if prober.estimate(k).is_down}
+            prober.handle_timer(now)
+            if {k for k in prober.links if prober.estimate(k).is_down} != was_down:
+                self._links_changed.set()
+            for key in prober.probes_due(now):
+                tg.start_soon(self._probe, prober, direct[key], prober.probe_sent(key, now))
+            timer = prober.get_timer()
+            with anyio.move_on_after(max(0.0, timer - now) if timer is not None else 60.0):
+                await self._probe_wakeup.wait()
+            self._probe_wakeup = anyio.Event()
+
+    async def _probe(self, prober: ProbeScheduler[PublicKey], peer: Peer, probe_id: int) -> None:
+        try:
+            await peer.ping(timeout=2 * prober.config.max_timeout)
+        except (RpcError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the scheduler times the probe out by itself
+        prober.probe_answered(probe_id, anyio.current_time())
+        self._links_changed.set()
+        self._probe_wakeup.set()
 
     async def _run_mesh(self, tg: TaskGroup) -> None:
         while not self._closing:
@@ -1033,6 +1086,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 self._peers_changed.set()
             if detached:
                 self._links_changed.set()
+                self._probe_wakeup.set()
                 self._emit(PeerDisconnected(public_key=key, reason=reason))
                 if _MESH_FULL in reason:  # it shed us: look elsewhere for a while
                     self._mesh.dial_failed(key, anyio.current_time())

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
@@ -471,3 +471,49 @@ async def test_route_follows_the_latency_rows() -> None:
         assert route.hops == (b.public_key,)
         assert 0.039 <= route.latency < 0.1  # two round trips of 20 ms
         assert a.route(b.public_key).hops == ()
+
+
+async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.protocol.probe import ProbeConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    net = SimulatedNetwork(seed=22)
+    config = SwarmConfig(
+        auto_mesh=False,
+        link_publish_delay=0.01,
+        link_publish_interval=0.01,
+        probe=ProbeConfig(min_interval=0.05, max_interval=0.2),
+    )
+    async with (
+        Swarm(transports=[net.transport()], config=config) as a,
+        Swarm(transports=[net.transport()], config=config) as b,
+    ):
+        net.set_latency(a.public_key, b.public_key, 0.005)
+        await a.call(b.public_key)
+        directory = a.doc("crdtswarm/directory")
+
+        async def until(condition: Callable[[], bool]) -> None:
+            changed = anyio.Event()
+
+            def notify(_event: object) -> None:
+                changed.set()
+
+            subscription = directory.observe(notify)
+            try:
+                with anyio.fail_after(20):
+                    while not condition():
+                        await changed.wait()
+                        changed = anyio.Event()
+                        await anyio.wait_all_tasks_blocked()
+            finally:
+                directory.unobserve(subscription)
+
+        def rtt() -> float | None:
+            return a.route(b.public_key).latency
+
+        await until(lambda: (rtt() or 1.0) < 0.03)
+        net.set_latency(a.public_key, b.public_key, 0.050)  # the path gets slow
+        await until(lambda: (rtt() or 0.0) > 0.06)  # probes saw it; rows followed
+        assert a._prober is not None
+        assert a._prober.statistics().probes_answered >= 3
