@@ -19,6 +19,11 @@ Commands (stdin):
 * ``{"cmd": "get", "doc": "notes", "key": "k"}``: answered by ``value``.
 * ``{"cmd": "peers"}``, ``{"cmd": "members"}``, ``{"cmd": "stats"}``: answered by
   ``peers``, ``members``, ``stats``.
+* ``{"cmd": "echo", "key": "<public key>", "data": "text", "timeout": 20}``: open an
+  application stream for protocol ``ECHO`` to that node (`Swarm.open_stream`: linking
+  first when needed, through relays too), send ``data``, half-close and read the echo;
+  answered by ``echo_ok`` (with ``data`` and the link fields) or ``echo_failed``. Every
+  node serves ``ECHO`` (it sends back what it reads). Runs in the background.
 * ``{"cmd": "quit"}``: leave the swarm and exit 0 (also on end of stdin).
 
 Events (stdout), every one with ``"t"`` (seconds since the node started) and
@@ -47,6 +52,9 @@ the test can time events against its own actions):
   signals (reported as it goes out).
 * ``{"event": "doc_changed", "doc": "notes", "changes": {"k": "v"}}``: keys of a doc's
   ``kv`` map changed, locally or by replication.
+* ``{"event": "echo_ok", "peer": ..., "data": "text", "elapsed_ms": ..., ...link
+  fields}``, ``{"event": "echo_failed", "peer": ..., "reason": ..., "elapsed_ms": ...}``
+* ``{"event": "echoed", "peer": ..., "bytes": 5}``: this node served an echo stream.
 * ``{"event": "error", "message": "..."}``
 """
 
@@ -54,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -81,6 +90,7 @@ from crdtswarm.transport.webrtc import IceServer, WebRTCConfig, WebRTCLink, WebR
 MAX_LINE = 1 << 20
 STARTED = time.monotonic()
 REGISTER_TIMEOUT = 15.0  # seconds to get registered on a signaling server before "ready"
+ECHO = "netns-echo"  # the application protocol every node serves: it echoes its input
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -205,6 +215,38 @@ class App:
         elapsed = round((time.monotonic() - start) * 1000)
         emit("call_ok", peer=key, elapsed_ms=elapsed, **link_info(self.node, peer.public_key))
 
+    async def echo(self, key: str, data: str, timeout: float) -> None:
+        start = time.monotonic()
+        try:
+            with anyio.fail_after(timeout):
+                stream = await self.node.open_stream(key, ECHO)
+                await stream.send(data.encode())
+                await stream.send_eof()
+                received = b""
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        received += await stream.receive()
+                await stream.aclose()
+        except Exception as exc:  # report every failure: the test decides
+            elapsed = round((time.monotonic() - start) * 1000)
+            emit("echo_failed", peer=key, reason=f"{type(exc).__name__}: {exc}", elapsed_ms=elapsed)
+            return
+        elapsed = round((time.monotonic() - start) * 1000)
+        info = link_info(self.node, PublicKey.parse(key))
+        emit("echo_ok", peer=key, data=received.decode(), elapsed_ms=elapsed, **info)
+
+    @staticmethod
+    async def serve_echo(stream: Any, remote_key: PublicKey) -> None:
+        """The ``ECHO`` handler: send back everything read, then half-close."""
+        total = 0
+        with contextlib.suppress(anyio.EndOfStream):
+            while True:
+                chunk = await stream.receive()
+                total += len(chunk)
+                await stream.send(chunk)
+        await stream.send_eof()
+        emit("echoed", peer=str(remote_key), bytes=total)
+
     def stats(self) -> dict[str, Any]:
         stats = self.node.statistics()
         return {
@@ -212,6 +254,7 @@ class App:
             "dials": stats.dials,
             "dials_failed": stats.dials_failed,
             "duplicate_links": stats.duplicate_links,
+            "relay": dataclasses.asdict(stats.relay),
         }
 
     def command(self, cmd: dict[str, Any], tg: Any) -> bool:
@@ -221,6 +264,9 @@ class App:
             return False
         if name == "call":
             tg.start_soon(self.call, cmd["key"], cmd.get("address"), float(cmd.get("timeout", 30)))
+        elif name == "echo":
+            timeout = float(cmd.get("timeout", 30))
+            tg.start_soon(self.echo, cmd["key"], cmd.get("data", "ping"), timeout)
         elif name == "set":
             self.doc_map(cmd["doc"])[cmd["key"]] = cmd["value"]
             emit("set_ok", doc=cmd["doc"], key=cmd["key"])
@@ -286,6 +332,7 @@ async def main() -> None:
     stdin = await read_stdin()
     async with Swarm(transports=transports, signaling=args.signaling, config=config) as node:
         app = App(node)
+        node.handle(ECHO, app.serve_echo)
         for name in args.doc:
             app.doc_map(name)
         async with anyio.create_task_group() as tg:
