@@ -362,7 +362,10 @@ class Swarm(anyio.AsyncContextManagerMixin):
             FORWARD_METHOD: self._signals.handle_forward,
         }
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
-        self._dials: dict[PublicKey, anyio.Event] = {}
+        # attempts in progress, by (key, direct only): a call that may use relays
+        # does not wait behind the mesh's direct-only dials (which can take several
+        # dial timeouts) and vice versa
+        self._dials: dict[tuple[PublicKey, bool], anyio.Event] = {}
         self._pending_handshakes = 0
         self._counters = dict.fromkeys(
             ("links_accepted", "links_refused", "dials", "dials_failed", "duplicate_links"), 0
@@ -854,18 +857,18 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 peer = self._linked(key, direct=direct)
                 if peer is not None:
                     return peer
-                pending = self._dials.get(key)
+                pending = self._dials.get((key, direct))
                 if pending is None:
                     break
                 await pending.wait()
                 if (peer := self._linked(key, direct=direct)) is not None:
                     return peer
                 # the shared attempt failed: try ourselves (maybe with another address)
-            done = self._dials[key] = anyio.Event()
+            done = self._dials[key, direct] = anyio.Event()
             try:
                 return await self._dial(key, address, candidates, relay=not direct)
             finally:
-                del self._dials[key]
+                del self._dials[key, direct]
                 done.set()
 
     async def _dial(
