@@ -2,8 +2,8 @@
 
 Start with `Swarm`::
 
-    async with Swarm(transports=[TcpTransport()]) as node:
-        peer = await node.call(other_key, address="tcp://127.0.0.1:4242")
+    async with Swarm(signaling=["ws://127.0.0.1:8765"]) as node:  # WebRTC + TCP
+        peer = await node.call(other_key)  # by key; or address="tcp://127.0.0.1:4242"
         rtt = await peer.ping()
 """
 
@@ -21,6 +21,9 @@ from crdtswarm.errors import (
 from crdtswarm.identity import Identity, IdentityFileError, InvalidKeyError, PublicKey
 from crdtswarm.mux import MuxStream as Stream
 from crdtswarm.peer import Peer, PeerStatistics
+from crdtswarm.protocol.routing import Route
+from crdtswarm.relay import RelayConfig
+from crdtswarm.signaling import SignalingServer
 from crdtswarm.swarm import (
     PeerConnected,
     PeerDisconnected,
@@ -30,12 +33,15 @@ from crdtswarm.swarm import (
     SwarmStatistics,
 )
 from crdtswarm.sync.directory import Member, MemberJoined, MemberLeft
+from crdtswarm.transport.tcp import TcpTransport
+from crdtswarm.transport.webrtc import IceServer, WebRTCTransport
 
 __all__ = [
     "ConnectError",
     "CrdtSwarmError",
     "ErrorCode",
     "HandshakeError",
+    "IceServer",
     "Identity",
     "IdentityFileError",
     "IdentityMismatchError",
@@ -49,12 +55,17 @@ __all__ = [
     "PeerStatistics",
     "ProtocolError",
     "PublicKey",
+    "RelayConfig",
+    "Route",
     "RpcError",
     "RpcTimeoutError",
+    "SignalingServer",
     "Stream",
     "StreamResetError",
     "Swarm",
     "SwarmConfig",
     "SwarmEvent",
     "SwarmStatistics",
+    "TcpTransport",
+    "WebRTCTransport",
 ]
