@@ -105,6 +105,8 @@ class SignalRouter:
         deliver: called with (sender, payload) for every signal that opens.
         peers: returns the peers linked to us now.
         directory: returns the directory (None before it exists).
+        rows: returns the members' latency rows (author -> peer -> seconds), as
+            the swarm last read them from the directory.
         client: the signaling servers' client, if any.
         config: timing and limits.
     """
@@ -116,6 +118,7 @@ class SignalRouter:
         deliver: Callable[[PublicKey, bytes], None],
         peers: Callable[[], Mapping[PublicKey, Peer]],
         directory: Callable[[], Directory | None],
+        rows: Callable[[], Mapping[PublicKey, Mapping[PublicKey, float]]] = dict,
         client: SignalingClient | None = None,
         config: SignalConfig | None = None,
     ) -> None:
@@ -124,6 +127,7 @@ class SignalRouter:
         self._deliver = deliver
         self._peers = peers
         self._directory = directory
+        self._rows = rows
         self._client = client
         self._config = config or SignalConfig()
         self._replay = ReplayCache(self._config.replay_cache_size)
@@ -195,13 +199,13 @@ class SignalRouter:
         via = self._paths.get(remote_key)
         if via is not None and via in peers:
             chosen.append(peers[via])
-        directory = self._directory()
-        if directory is not None:
-            for author, row in directory.latency_rows().items():
-                if remote_key in row and author in peers and peers[author] not in chosen:
-                    chosen.append(peers[author])
+        for author, row in self._rows().items():
+            if remote_key in row and author in peers and peers[author] not in chosen:
+                chosen.append(peers[author])
         if not chosen:  # nobody known to reach it: ask a few peers, who refuse fast
-            chosen = random.sample(list(peers.values()), min(len(peers), 3))
+            chosen = random.sample(
+                list(peers.values()), min(len(peers), self._config.max_forwarders)
+            )
         return chosen[: self._config.max_forwarders]
 
     # -- receiving -----------------------------------------------------------------------

@@ -337,6 +337,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             deliver=self._deliver_signal,
             peers=lambda: self.peers,
             directory=lambda: self._directory,
+            rows=lambda: self._rows,
             client=self._signaling_client,
             config=self._config.signals,
         )

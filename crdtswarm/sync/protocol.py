@@ -684,6 +684,28 @@ class SyncSession:
             self._failed = True
             raise
 
+    def receive_update(self, update: bytes) -> None:
+        """Apply an incremental update from the peer: what an `Update` message carries.
+
+        For updates that reached us outside a y-protocols message (crdtswarm's routed
+        updates); the same checks as `receive_message` apply.
+
+        Raises:
+            FrameError: if the update is malformed or larger than ``max_update_size``.
+            SyncError: if pycrdt cannot apply it.
+            LocalProtocolError: if the event queue is full or the session failed.
+            ExceptionGroup: raised by pycrdt when a document observer failed.
+        """
+        self._check_usable(outputs=0, events=1)
+        if len(update) > self._max_update_size:
+            self._failed = True
+            raise FrameError(f"update of {len(update)} bytes exceeds {self._max_update_size}")
+        try:
+            self._apply(update)
+        except SyncError:
+            self._failed = True
+            raise
+
     def data_to_send(self) -> list[bytes]:
         """The messages to send to the peer, in order, each one whole (drains the queue)."""
         output, self._output = self._output, []

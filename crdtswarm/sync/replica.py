@@ -84,7 +84,7 @@ from crdtswarm.errors import (
 from crdtswarm.log import ContextLogger
 from crdtswarm.protocol.routing import LinkGraph
 from crdtswarm.protocol.wire import Reader, encode_uvarint, encode_var_bytes, encode_var_string
-from crdtswarm.sync.protocol import SyncSession, Update, encode_message, validate_update
+from crdtswarm.sync.protocol import SyncSession, validate_update
 from crdtswarm.transport.framing import FrameDecoder, encode_frame
 
 if TYPE_CHECKING:
@@ -413,10 +413,12 @@ class Replicator:
 
     def _leave(self, peer: _PeerSync) -> None:
         peer.users -= 1
-        if peer.users > 0 and self._peers.get(peer.key) is peer:
+        if self._peers.get(peer.key) is not peer:
+            return
+        if peer.users > 0:
             # a duplicate link ended: what its writer had taken may be lost with it
             self._exchange_state(peer)
-        if peer.users == 0 and self._peers.get(peer.key) is peer:
+        else:
             del self._peers[peer.key]
             # what was in flight on that link is lost, and with it maybe the only path
             # an update had to part of the tree: compare states with everyone left
@@ -476,15 +478,31 @@ class Replicator:
             return
         if name not in self._docs:
             return  # the peer shares a document we have not opened
+        self._receive(peer, name, lambda session: session.receive_message(payload))
+        peer.wake()
+
+    def _receive(
+        self,
+        peer: _PeerSync,
+        name: str,
+        apply: Callable[[SyncSession], None],
+        *,
+        routed: bool = False,
+    ) -> bool:
+        """Apply a message of ``peer`` to document ``name``; whether the document changed.
+
+        pycrdt gives no transaction origin: the doc observer (`_on_change`) learns
+        from these fields which peer, and which kind of message, it is applying.
+        """
         session = peer.sessions.get(name) or self._start_session(peer, name)
-        self._origin = peer
+        self._origin, self._routed, self._routed_changed = peer, routed, False
         try:
-            session.receive_message(payload)
+            apply(session)
         finally:
-            self._origin = None
+            self._origin, self._routed = None, False
         while session.next_event() is not None:
             pass
-        peer.wake()
+        return self._routed_changed
 
     def _handle_routed(self, peer: _PeerSync, name: str, payload: bytes) -> None:
         reader = Reader(payload)
@@ -503,15 +521,10 @@ class Replicator:
         if len(self._seen) > self._config.max_seen_updates:
             self._seen.popitem(last=False)
         if name in self._docs:
-            session = peer.sessions.get(name) or self._start_session(peer, name)
-            self._origin, self._routed, self._routed_changed = peer, True, False
-            try:
-                session.receive_message(encode_message(Update(update=update)))
-            finally:
-                self._origin, self._routed = None, False
-            while session.next_event() is not None:
-                pass
-            if not self._routed_changed:
+            changed = self._receive(
+                peer, name, lambda session: session.receive_update(update), routed=True
+            )
+            if not changed:
                 # nothing new: it was forwarded when it first arrived (by whatever way)
                 self._counts["duplicates"] += 1
                 return

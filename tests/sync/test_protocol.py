@@ -670,3 +670,26 @@ def test_known_limit_a_pending_child_of_a_non_type() -> None:
     parent_as_text = struct_update(77, 0, root_item("text", 4, encode_var_string("hello")))
     with pytest.raises(SyncError, match="parent"):
         session.receive_message(update_message(parent_as_text))
+
+
+def test_receive_update_applies_like_an_update_message() -> None:
+    doc_a, doc_b = diverged_pair(6)
+    _, twin = diverged_pair(6)
+    update = doc_a.get_update()
+    session = SyncSession(doc_b)
+    session.receive_update(update)
+    SyncSession(twin).receive_message(update_message(update))
+    assert contents(doc_b) == contents(twin) != contents(diverged_pair(6)[1])
+    assert events(session) == [UpdateApplied(update=update)]
+
+
+def test_receive_update_refuses_oversized_and_fails_on_garbage() -> None:
+    small = SyncSession(new_doc(1), max_update_size=8)
+    with pytest.raises(FrameError, match="exceeds"):
+        small.receive_update(bytes(9))
+    assert small.is_failed
+    with pytest.raises(LocalProtocolError):
+        small.receive_update(EMPTY_UPDATE)
+    session = SyncSession(new_doc(1))
+    with pytest.raises((FrameError, SyncError)):
+        session.receive_update(b"\x01\x05garbage")
