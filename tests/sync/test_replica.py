@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -314,19 +314,27 @@ def totals(nodes: list[Swarm]) -> tuple[int, int, int]:
     )
 
 
-async def test_with_a_settled_link_graph_each_node_gets_an_update_once() -> None:
-    net = SimulatedNetwork(seed=11)
-    idents = [Identity(bytes([i]) * 32) for i in range(1, 9)]
+@contextlib.asynccontextmanager
+async def routed_swarm(*, seed: int, keys: range) -> AsyncIterator[list[Swarm]]:
+    """Nodes that all called the first one, with "notes" open, once their rows settled."""
+    net = SimulatedNetwork(seed=seed)
     async with contextlib.AsyncExitStack() as stack:
         nodes = [
-            await stack.enter_async_context(Swarm(i, [net.transport()], config=ROUTED))
-            for i in idents
+            await stack.enter_async_context(
+                Swarm(Identity(bytes([i]) * 32), [net.transport()], config=ROUTED)
+            )
+            for i in keys
         ]
         for node in nodes:
             notes(node)
         for node in nodes[1:]:
             await node.call(nodes[0].public_key)
         await wait_rows_settled(nodes)
+        yield nodes
+
+
+async def test_with_a_settled_link_graph_each_node_gets_an_update_once() -> None:
+    async with routed_swarm(seed=11, keys=range(1, 9)) as nodes:
         docs = [n.doc("notes") for n in nodes]
         notes(nodes[0])["warm-up"] = True  # lets directory traffic still in flight land
         await eventually(lambda: all("warm-up" in notes(n) for n in nodes), *docs)
@@ -342,18 +350,7 @@ async def test_with_a_settled_link_graph_each_node_gets_an_update_once() -> None
 
 
 async def test_a_wrong_link_graph_costs_copies_never_updates() -> None:
-    net = SimulatedNetwork(seed=12)
-    idents = [Identity(bytes([i]) * 32) for i in range(11, 17)]
-    async with contextlib.AsyncExitStack() as stack:
-        nodes = [
-            await stack.enter_async_context(Swarm(i, [net.transport()], config=ROUTED))
-            for i in idents
-        ]
-        for node in nodes:
-            notes(node)
-        for node in nodes[1:]:
-            await node.call(nodes[0].public_key)
-        await wait_rows_settled(nodes)
+    async with routed_swarm(seed=12, keys=range(11, 17)) as nodes:
         # every node believes in a made-up star around node 5, which has no such links
         keys = [n.public_key for n in nodes]
         star = {keys[5]: dict.fromkeys(keys[:5], 0.001)} | {k: {keys[5]: 0.001} for k in keys[:5]}
