@@ -67,7 +67,7 @@ from crdtswarm.protocol.relay import (
     RelayEvent,
     TokenBucket,
 )
-from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport
+from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport, check_message_size
 from crdtswarm.transport.framing import FrameDecoder, encode_frame
 
 if TYPE_CHECKING:
@@ -335,10 +335,7 @@ class RelayLink(Link):
         await checkpoint_if_cancelled()
         self._check_send()
         size = len(item)
-        if size > self._max_message_size:
-            raise ValueError(
-                f"message of {size} bytes exceeds max_message_size={self._max_message_size}"
-            )
+        check_message_size(size, self._max_message_size)
         frame = encode_frame(bytes(item))
         async with self._send_lock:
             self._check_send()

@@ -30,7 +30,7 @@ from anyio.abc import ObjectStream, TaskStatus
 if TYPE_CHECKING:
     from crdtswarm.identity import PublicKey
 
-__all__ = ["Link", "LinkAttribute", "LinkHandler", "Transport"]
+__all__ = ["Link", "LinkAttribute", "LinkHandler", "Transport", "check_message_size"]
 
 
 class LinkAttribute(TypedAttributeSet):
@@ -51,6 +51,16 @@ class Link(ObjectStream[bytes]):
     @abc.abstractmethod
     def max_message_size(self) -> int:
         """The largest message, in bytes, that `send` accepts."""
+
+
+def check_message_size(size: int, max_message_size: int) -> None:
+    """Refuse a message over the link's limit, as every `Link.send` does before sending.
+
+    Raises:
+        ValueError: if ``size`` exceeds ``max_message_size``.
+    """
+    if size > max_message_size:
+        raise ValueError(f"message of {size} bytes exceeds max_message_size={max_message_size}")
 
 
 LinkHandler = Callable[[Link], Awaitable[None]]

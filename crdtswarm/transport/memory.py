@@ -45,7 +45,7 @@ from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if
 
 from crdtswarm.errors import ConnectError
 from crdtswarm.identity import InvalidKeyError, PublicKey
-from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport
+from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport, check_message_size
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
@@ -284,10 +284,7 @@ class MemoryLink(Link):
         """
         await checkpoint_if_cancelled()
         self._check_send()
-        if len(item) > self._max_message_size:
-            raise ValueError(
-                f"message of {len(item)} bytes exceeds max_message_size={self._max_message_size}"
-            )
+        check_message_size(len(item), self._max_message_size)
         data = bytes(item)  # no copy for bytes; a snapshot of anything mutable
         pipe = self._out
         waited = False

@@ -36,7 +36,7 @@ from anyio.abc import SocketAttribute, SocketListener
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from crdtswarm.errors import ConnectError, FrameError
-from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport
+from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport, check_message_size
 from crdtswarm.transport.framing import FrameDecoder
 
 if TYPE_CHECKING:
@@ -186,10 +186,7 @@ class TcpLink(Link):
         if self._eof_sent:
             raise anyio.ClosedResourceError("this side already sent EOF")
         size = len(item)
-        if size > self._max_message_size:
-            raise ValueError(
-                f"message of {size} bytes exceeds max_message_size={self._max_message_size}"
-            )
+        check_message_size(size, self._max_message_size)
         # One write per frame: a cancellation can never separate a header from its
         # payload, and small messages go out in one segment. Copying the payload once
         # costs less than a second write (a syscall and a yield), even at 1 MiB.

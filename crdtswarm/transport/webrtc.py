@@ -81,7 +81,7 @@ from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if
 
 from crdtswarm.errors import ConnectError, FlowControlError, FrameError
 from crdtswarm.identity import InvalidKeyError, PublicKey
-from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport
+from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport, check_message_size
 from crdtswarm.transport.tcp import DEFAULT_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
@@ -552,10 +552,7 @@ class WebRTCLink(Link):
         await checkpoint_if_cancelled()
         self._check_send()
         size = len(item)
-        if size > self._max_message_size:
-            raise ValueError(
-                f"message of {size} bytes exceeds max_message_size={self._max_message_size}"
-            )
+        check_message_size(size, self._max_message_size)
         cost = size + MESSAGE_COST
         high = self._config.send_high_watermark
         waited = False
