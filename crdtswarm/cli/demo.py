@@ -8,26 +8,21 @@ identity files.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import logging
-import sys
 import time
 from typing import TYPE_CHECKING
 
 import anyio
+import click
 
-from crdtswarm.errors import CrdtSwarmError
-from crdtswarm.identity import Identity, PublicKey
 from crdtswarm.swarm import PeerConnected, Swarm
 from crdtswarm.transport.tcp import TcpTransport
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
+    from crdtswarm.identity import PublicKey
     from crdtswarm.mux import MuxStream
 
-__all__ = ["main"]
+__all__ = ["register"]
 
 
 def _say(message: str) -> None:
@@ -92,41 +87,15 @@ async def _demo(size: int) -> int:
     return 0 if ok else 1
 
 
-def _key(args: argparse.Namespace) -> int:
-    if args.action == "generate":
-        identity = Identity.generate()
-        identity.save(args.path)
-        _say(str(identity.public_key))
-    else:
-        _say(str(Identity.load(args.path).public_key))
-    return 0
+@click.command("demo")
+@click.option(
+    "--bytes", "size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes to send."
+)
+def demo(size: int) -> int:
+    """Two nodes on loopback TCP: link, ping, and move data over an encrypted substream."""
+    return anyio.run(_demo, size)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="crdtswarm", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="two nodes on loopback TCP exchanging data")
-    demo.add_argument("--bytes", type=int, default=16 * 1024 * 1024, help="bytes to send")
-    key = commands.add_parser("key", help="generate or show an identity file")
-    key.add_argument("action", choices=["generate", "show"])
-    key.add_argument("path")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        if args.command == "demo":
-            return anyio.run(_demo, args.bytes)
-        return _key(args)
-    except (CrdtSwarmError, OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"crdtswarm: error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def register(group: click.Group) -> None:
+    """Add ``demo`` to the command group."""
+    group.add_command(demo)
