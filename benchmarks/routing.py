@@ -92,6 +92,7 @@ from typing import Any
 
 from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler
 from crdtswarm.protocol.routing import LinkGraph, Route, Router, RoutingConfig
+from crdtswarm.protocol.topology import elect_relays, near_candidates, nearest
 from crdtswarm.protocol.wire import encode_uvarint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,9 @@ DATA = ROOT.parent / "shared" / "data" / "latency" / "planetlab-490-rtt-ms.tsv.g
 MAX_PEERS = 8  # crdtswarm.mesh.MeshConfig.max_peers
 MAX_LINKS = 12  # links a node accepts: 1.5 * max_peers
 NEAREST = 4  # near+random: links to the nearest hosts first
+HUBS = 16  # latency: MeshConfig.relay_hubs
+NEAR = 8  # latency: MeshConfig.near_peers
+TRIALS = 16  # latency: near candidates dialled and measured per node
 NOISE = 0.05  # default of --noise: each probe sample is RTT * (1 + U(-noise, noise))
 HOP_DELAY = 0.005  # batching per hop of a directory update (ReplicaConfig.batch_interval)
 LATENCY_TTL = 120.0  # DirectoryConfig.latency_ttl
@@ -139,6 +143,9 @@ def percentile(values: list[float], q: float) -> float:
 def build_mesh(d: list[list[float]], kind: str, rng: random.Random) -> list[set[int]]:
     n = len(d)
     adj: list[set[int]] = [set() for _ in range(n)]
+    if kind == "latency":
+        adj = build_mesh(d, "random", rng)
+        return latency_mesh(d, adj)
     for node in rng.sample(range(n), n):
         others = [m for m in range(n) if m != node]
         rng.shuffle(others)
@@ -151,6 +158,46 @@ def build_mesh(d: list[list[float]], kind: str, rng: random.Random) -> list[set[
             if other not in adj[node] and len(adj[other]) < MAX_LINKS:
                 adj[node].add(other)
                 adj[other].add(node)
+    return adj
+
+
+def latency_mesh(d: list[list[float]], adj: list[set[int]]) -> list[set[int]]:
+    """The latency mesh on top of the random one, as `crdtswarm.protocol.topology` builds it.
+
+    1. Elect ``HUBS`` relay hubs from the random mesh's graph (`elect_relays`);
+       every node links to them. 2. Each node ranks the other members by their
+       landmark vectors (their RTTs to the hubs, from the hubs' rows), dials the
+       ``TRIALS`` best candidates one after the other, measures them and keeps the
+       ``NEAR`` lowest-RTT ones. 3. Re-elect the hubs on the new graph (incumbents
+       keep their seat unless clearly beaten); nodes link to any new hub.
+    """
+    n = len(d)
+
+    def graph() -> LinkGraph[int]:
+        rows = {v: {u: d[v][u] for u in adj[v]} for v in range(n)}
+        return LinkGraph.from_rows(rows, order=order)
+
+    def link_to(hubs: list[int]) -> None:
+        for v in range(n):
+            for h in hubs:
+                if h != v:
+                    adj[v].add(h)
+                    adj[h].add(v)
+
+    hubs = elect_relays(graph(), HUBS)
+    link_to(hubs)
+    landmark_rows = {h: {u: d[h][u] for u in adj[h]} for h in hubs}
+    near: list[list[int]] = []
+    for v in range(n):
+        rows = {**landmark_rows, v: {h: d[v][h] for h in hubs if h != v}}
+        trials = near_candidates(rows, v, hubs, TRIALS, exclude=adj[v])
+        measured = {u: d[v][u] for u in trials}
+        near.append(nearest(measured, NEAR))
+    for v, chosen in enumerate(near):
+        for u in chosen:
+            adj[v].add(u)
+            adj[u].add(v)
+    link_to(elect_relays(graph(), HUBS, incumbents=hubs))
     return adj
 
 
@@ -374,6 +421,9 @@ def run_case(
     pairs = direct = opt1 = optm = route_ms = 0.0
     stretch_mesh: list[float] = []
     stretch_1hop: list[float] = []
+    stretch_talk: list[float] = []
+    talk_ms = 0.0
+    talk_better = 0
     no_route = better = 0
     pairs_n = 0
     for s in sources:
@@ -385,10 +435,15 @@ def run_case(
             pairs_n += 1
             route = sim.routes[s][t]
             one_hop = min(map(operator.add, ds, [row[t] for row in d]))
+            cost = sim.cost(s, route, t) if route.latency is not None else math.inf
+            # talking: s opened a stream to t, which also dials t directly and measures it
+            talk = min(cost, ds[t])
+            talk_ms += talk
+            talk_better += talk < ds[t]
+            stretch_talk.append(max(talk, FLOOR_MS) / max(one_hop, FLOOR_MS))
             if route.latency is None:
                 no_route += 1
                 continue
-            cost = sim.cost(s, route, t)
             best = reach[t]
             better += cost < ds[t]
             pairs += 1
@@ -412,10 +467,14 @@ def run_case(
         "onehop_opt_mean_ms": round(opt1 / pairs, 1),
         "mesh_opt_mean_ms": round(optm / pairs, 1),
         "route_mean_ms": round(route_ms / pairs, 1),
+        "talk_mean_ms": round(talk_ms / pairs_n, 1),
         "stretch_vs_mesh_opt_median": round(percentile(stretch_mesh, 50), 3),
         "stretch_vs_mesh_opt_p95": round(percentile(stretch_mesh, 95), 3),
         "stretch_vs_onehop_opt_median": round(percentile(stretch_1hop, 50), 3),
         "stretch_vs_onehop_opt_p95": round(percentile(stretch_1hop, 95), 3),
+        "stretch_talk_vs_onehop_opt_median": round(percentile(stretch_talk, 50), 3),
+        "stretch_talk_vs_onehop_opt_p95": round(percentile(stretch_talk, 95), 3),
+        "share_talk_better_than_direct": round(talk_better / pairs_n, 4),
         "share_no_route": round(no_route / pairs_n, 4),
         "share_better_than_direct": round(better / pairs_n, 4),
         "share_routes_changed_60_to_200s": round(changed / pairs_n, 4),
@@ -519,6 +578,7 @@ def run_case(
         "results": [quality, traffic, failover],
         "stretch_mesh": stretch_mesh,
         "stretch_1hop": stretch_1hop,
+        "stretch_talk": stretch_talk,
     }
 
 
@@ -530,7 +590,7 @@ def print_tables(results: list[dict[str, Any]]) -> None:
     head = (
         f"{'mesh':<12}{'N':>5}{'deg':>6}{'direct':>8}{'1hop*':>8}{'mesh*':>8}{'route':>8}"
         f"{'vs mesh* med/p95':>18}{'vs 1hop* med/p95':>18}{'<direct':>9}{'no route':>10}"
-        f"{'changed':>9}"
+        f"{'changed':>9}{'talk':>7}{'talk/1hop* med/p95':>20}{'<direct':>9}"
     )
     print(head)
     for kind, n in cases:
@@ -541,7 +601,9 @@ def print_tables(results: list[dict[str, Any]]) -> None:
             f"{q['stretch_vs_mesh_opt_median']:>9.3f}/{q['stretch_vs_mesh_opt_p95']:<8.3f}"
             f"{q['stretch_vs_onehop_opt_median']:>9.3f}/{q['stretch_vs_onehop_opt_p95']:<8.3f}"
             f"{q['share_better_than_direct']:>9.1%}{q['share_no_route']:>10.1%}"
-            f"{q['share_routes_changed_60_to_200s']:>9.1%}"
+            f"{q['share_routes_changed_60_to_200s']:>9.1%}{q['talk_mean_ms']:>7.1f}"
+            f"{q['stretch_talk_vs_onehop_opt_median']:>11.3f}/"
+            f"{q['stretch_talk_vs_onehop_opt_p95']:<8.3f}{q['share_talk_better_than_direct']:>9.1%}"
         )
     print()
     print("failover after killing the busiest relay, and traffic per node in the steady state")
@@ -561,8 +623,9 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         )
     print()
     print(
-        "targets: stretch vs mesh* median <= 1.05 and p95 <= 1.2. 1hop*: full-knowledge "
-        "one-relay optimum (direct included); mesh*: best path over mesh links, <= 2 relays."
+        "targets: stretch vs 1hop* median <= 1.05 and p95 <= 1.2. 1hop*: full-knowledge "
+        "one-relay optimum (direct included); mesh*: best path over mesh links, <= 2 relays; "
+        "talk: the route once the source talks to the target (direct link dialled and measured)."
     )
 
 
@@ -583,17 +646,18 @@ def plot(curves: dict[tuple[str, int], dict[str, list[float]]], out: Path) -> bo
         for (k, n), data in sorted(curves.items()):
             if k != kind:
                 continue
-            for label, style in (("stretch_mesh", "-"), ("stretch_1hop", "--")):
+            names = {"stretch_1hop": "route vs 1hop*", "stretch_talk": "talking vs 1hop*"}
+            for label, style in (("stretch_1hop", "-"), ("stretch_talk", "--")):
                 values = sorted(data[label])
                 if not values:
                     continue
                 ys = [(i + 1) / len(values) for i in range(len(values))]
-                name = "vs mesh*" if label == "stretch_mesh" else "vs 1hop*"
+                name = names[label]
                 ax.step(values, ys, style, color=colour[n], where="post", label=f"N={n} {name}")
         ax.axvline(1.05, color="grey", linewidth=0.5)
         ax.axvline(1.2, color="grey", linewidth=0.5)
         ax.set_xscale("log")
-        ax.set_xlim(0.9, 10)
+        ax.set_xlim(0.9, 4)
         ax.set_xlabel("stretch of crdtswarm's route (RTT / optimum)")
         ax.set_ylabel("share of pairs")
         ax.set_title(f"{kind} mesh, PlanetLab RTTs")
@@ -608,7 +672,7 @@ def plot(curves: dict[tuple[str, int], dict[str, list[float]]], out: Path) -> bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[50, 100, 490])
-    parser.add_argument("--mesh", nargs="+", default=["random", "near+random"])
+    parser.add_argument("--mesh", nargs="+", default=["random", "near+random", "latency"])
     parser.add_argument("--sources", type=int, default=40, help="routing sources per swarm")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--noise", type=float, default=NOISE, help="probe noise share (0.05)")
@@ -618,7 +682,7 @@ def main() -> None:
     if args.quick:
         args.nodes = [30]
     for kind in args.mesh:
-        if kind not in ("random", "near+random"):
+        if kind not in ("random", "near+random", "latency"):
             parser.error(f"unknown mesh {kind!r}")
     full = load_matrix(args.data)
     for n in args.nodes:
@@ -634,7 +698,7 @@ def main() -> None:
             for result in case["results"]:
                 results.append(result)
                 print(json.dumps(result), flush=True)
-            curves[kind, n] = {k: case[k] for k in ("stretch_mesh", "stretch_1hop")}
+            curves[kind, n] = {k: case[k] for k in ("stretch_mesh", "stretch_1hop", "stretch_talk")}
     print_tables(results)
     name = "routing-quick" if args.quick else "routing"
     RESULTS.mkdir(exist_ok=True)
