@@ -55,6 +55,26 @@ class MeshConfig:
     """Seconds between two dials to a random member while we already have
     ``max_peers`` links (default 30; 0 disables), like HyParView's shuffle: a mesh
     that split into full groups (after a partition, say) joins up again."""
+    relay_hubs: int = 0
+    """Latency mesh: also link to this many elected relay hubs ("super nodes", the
+    members carrying the most one-relay shortcuts in the link graph, see
+    `crdtswarm.protocol.topology`); a hub accepts links from everybody. Default 0
+    (off); 16 gave routes within 3 % of the one-relay optimum on PlanetLab RTTs
+    (``benchmarks/routing.py``), at the price of more links, probes and rows."""
+    near_peers: int = 0
+    """Latency mesh: also keep links to this many lowest-RTT members, found by
+    dialling the candidates whose RTTs to the hubs are closest to ours, one per
+    election, measuring them and keeping the nearest (default 0: off; needs hubs)."""
+    election_interval: float = 30.0
+    """Seconds between two hub elections / near-peer trials (default 30)."""
+
+    def __post_init__(self) -> None:
+        if self.max_peers < 1:
+            raise ValueError(f"max_peers must be >= 1, got {self.max_peers}")
+        if self.relay_hubs < 0 or self.near_peers < 0:
+            raise ValueError("relay_hubs and near_peers must be >= 0")
+        if self.election_interval <= 0:
+            raise ValueError(f"election_interval must be > 0, got {self.election_interval}")
 
 
 @dataclass(slots=True)
@@ -75,7 +95,11 @@ class MeshPolicy:
     _last_shuffle: float | None = None
 
     def plan(
-        self, now: float, members: Iterable[PublicKey], linked: Iterable[PublicKey]
+        self,
+        now: float,
+        members: Iterable[PublicKey],
+        linked: Iterable[PublicKey],
+        preferred: Iterable[PublicKey] = (),
     ) -> list[PublicKey]:
         """The members to dial now (and marks them as being dialled).
 
@@ -83,10 +107,26 @@ class MeshPolicy:
             now: the current time in seconds (any monotonic clock).
             members: every valid member the directory knows (ourselves included or not).
             linked: the members we have a direct link to.
+            preferred: members to link to whatever the count (the latency mesh's
+                hubs and near peers), dialled first; they do not count toward
+                ``max_peers``.
         """
         active = set(linked)
-        want = self.config.max_peers - len(active) - len(self._dialing)
         room = self.config.max_concurrent_dials - len(self._dialing)
+        known = set(members)
+        first = [
+            key
+            for key in dict.fromkeys(preferred)
+            if key in known
+            and key != self.local_key
+            and key not in active
+            and key not in self._dialing
+            and self._backoff.get(key, _Backoff()).next_try <= now
+        ][: max(room, 0)]
+        self._dialing.update(first)
+        room -= len(first)
+        extra = set(preferred)
+        want = self.config.max_peers - len(active - extra) - len(self._dialing - extra)
         if self._last_shuffle is None:
             self._last_shuffle = now
         interval = self.config.shuffle_interval
@@ -95,10 +135,10 @@ class MeshPolicy:
             self._last_shuffle = now
             want = 1  # one link beyond max_peers; surplus links get shed
         if want <= 0 or room <= 0:
-            return []
+            return first
         passive = sorted(
             key
-            for key in set(members)
+            for key in known
             if key != self.local_key
             and key not in active
             and key not in self._dialing
@@ -107,7 +147,7 @@ class MeshPolicy:
         self.rng.shuffle(passive)
         chosen = passive[: min(want, room)]
         self._dialing.update(chosen)
-        return chosen
+        return first + chosen
 
     def dial_succeeded(self, key: PublicKey) -> None:
         """The dial to ``key`` produced a link."""

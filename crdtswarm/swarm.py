@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler
 from crdtswarm.protocol.routing import LinkGraph, Route, Router
+from crdtswarm.protocol.topology import elect_relays, near_candidates, nearest
 from crdtswarm.relay import PROTOCOL as RELAY_PROTOCOL
 from crdtswarm.relay import SCHEME as RELAY_SCHEME
 from crdtswarm.relay import (
@@ -326,6 +327,12 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._probe_wakeup = anyio.Event()
         self._prober: ProbeScheduler[PublicKey] | None = None
         self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
+        # the latency mesh (MeshConfig.relay_hubs / near_peers)
+        self._hubs: list[PublicKey] = []
+        self._near: list[PublicKey] = []
+        self._near_trial: list[PublicKey] = []
+        self._near_tried: set[PublicKey] = set()
+        self._next_election = 0.0
         self._router: Router[PublicKey] = Router(self.public_key)
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
@@ -586,12 +593,44 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 if not self._peers:  # cut off: those that left may only have restarted
                     for key in directory.departed:
                         candidates.setdefault(key, ())
-                chosen = self._mesh.plan(anyio.current_time(), candidates, self._direct_peers())
+                preferred = self._latency_mesh(candidates)
+                chosen = self._mesh.plan(
+                    anyio.current_time(), candidates, self._direct_peers(), preferred
+                )
                 for key in chosen:
                     tg.start_soon(self._mesh_dial, key, candidates[key])
             with anyio.move_on_after(self._config.mesh.tick_interval):
                 await self._mesh_wakeup.wait()
             self._mesh_wakeup = anyio.Event()
+
+    def _latency_mesh(self, members: Mapping[PublicKey, object]) -> list[PublicKey]:
+        """The hubs and near peers to link to (``MeshConfig.relay_hubs`` / ``near_peers``).
+
+        Every ``election_interval``: elect the hubs from the link graph (incumbents
+        sticky), keep as near peers the lowest-RTT links that are not hubs, and pick
+        one new near candidate to try (`crdtswarm.protocol.topology`).
+        """
+        config = self._config.mesh
+        if not config.relay_hubs:
+            return []
+        now = anyio.current_time()
+        if now >= self._next_election:
+            self._next_election = now + config.election_interval
+            graph = LinkGraph.from_rows(self._rows)
+            hubs = elect_relays(graph, config.relay_hubs, incumbents=self._hubs)
+            self._hubs = [h for h in hubs if h in members or h == self.public_key]
+            self._near, self._near_trial = [], []
+            if config.near_peers:
+                direct = self._direct_peers()
+                measured = {
+                    k: p.rtt for k, p in direct.items() if p.rtt is not None and k not in hubs
+                }
+                self._near = nearest(measured, config.near_peers)
+                exclude = {*direct, *self._near_tried}
+                trial = near_candidates(self._rows, self.public_key, hubs, 1, exclude=exclude)
+                self._near_tried.update(trial)
+                self._near_trial = trial
+        return [*self._hubs, *self._near, *self._near_trial]
 
     def _deliver_signal(self, sender: PublicKey, payload: bytes) -> None:
         for transport in self._transports:
@@ -650,8 +689,11 @@ class Swarm(anyio.AsyncContextManagerMixin):
         otherwise end up linked to the whole swarm. The shed peers back off from us
         (they see the "mesh full" reason) and pick other members instead.
         """
-        limit = self._config.mesh.max_peers
-        limit += max(1, limit // 2)
+        config = self._config.mesh
+        if self.public_key in self._hubs:
+            return  # an elected relay hub accepts everybody
+        limit = config.max_peers
+        limit += max(1, limit // 2) + config.relay_hubs + config.near_peers
         peers = self._direct_peers()
         surplus = len(peers) - limit
         if surplus <= 0:
@@ -711,6 +753,11 @@ class Swarm(anyio.AsyncContextManagerMixin):
         """
         key = PublicKey.parse(public_key) if isinstance(public_key, str) else public_key
         return self._router.route(key)
+
+    @property
+    def relay_hubs(self) -> list[PublicKey]:
+        """The relay hubs this node elected last (``MeshConfig.relay_hubs``; empty when off)."""
+        return list(self._hubs)
 
     @property
     def members(self) -> set[PublicKey]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -517,3 +518,67 @@ async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
         await until(lambda: (rtt() or 0.0) > 0.06)  # probes saw it; rows followed
         assert a._prober is not None
         assert a._prober.statistics().probes_answered >= 3
+
+
+async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.mesh import MeshConfig
+    from crdtswarm.protocol.probe import ProbeConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    net = SimulatedNetwork(seed=23)
+    config = SwarmConfig(
+        link_publish_delay=0.01,
+        link_publish_interval=0.05,
+        probe=ProbeConfig(min_interval=0.05, max_interval=0.2),
+        mesh=MeshConfig(
+            max_peers=2, relay_hubs=1, election_interval=0.3, min_link_age=0.2, tick_interval=0.1
+        ),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(Swarm(transports=[net.transport()], config=config))
+            for _ in range(7)
+        ]
+        hub, others = nodes[0], nodes[1:]
+        for a in nodes:  # the hub is 5 ms from everybody, every other pair is 100 ms apart
+            for b in nodes:
+                if a is not b:
+                    net.set_latency(a.public_key, b.public_key, 0.005 if hub in (a, b) else 0.1)
+        for node in others[:-1]:
+            await node.call(hub.public_key)
+        await others[-1].call(others[0].public_key)  # the last one does not know the hub
+
+        def settled() -> bool:
+            return all(
+                n.relay_hubs == [hub.public_key] and (n is hub or hub.public_key in n.peers)
+                for n in nodes
+            )
+
+        async def until(condition: Callable[[], bool], timeout: float) -> None:
+            directory = hub.doc("crdtswarm/directory")
+            changed = anyio.Event()
+
+            def notify(_event: object) -> None:
+                changed.set()
+
+            subscription = directory.observe(notify)
+            try:
+                with anyio.fail_after(timeout):
+                    while not condition():
+                        with anyio.move_on_after(0.2):  # elections run on their own timer
+                            await changed.wait()
+                        changed = anyio.Event()
+            finally:
+                directory.unobserve(subscription)
+
+        await until(settled, 30)
+        assert len(hub.peers) == len(others)  # a hub is never shed for being over the limit
+        # two nodes that share no link route through the hub
+        a, b = next(
+            (a, b) for a in others for b in others if a is not b and b.public_key not in a.peers
+        )
+        await until(lambda: a.route(b.public_key).hops == (hub.public_key,), 10)
+        route = a.route(b.public_key)
+        assert route.latency is not None
+        assert route.latency < 0.05
