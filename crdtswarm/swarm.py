@@ -968,8 +968,26 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 continue
             task_group = self._require_running()
             peer: Peer = await task_group.start(self._run_connection, channel)
+            if transport is self._relay_transport:
+                task_group.start_soon(self._upgrade, key)
             return peer
         raise ConnectError(f"could not link to {key.short}: {error}") from error
+
+    async def _upgrade(self, key: PublicKey) -> None:
+        """After a relayed link to ``key``: try a direct one in the background.
+
+        When it comes up it replaces the relayed link (a direct link always wins, see
+        `_keeps_existing_link`): new streams use it, streams on the relayed link end
+        with a reset, and the probes put the direct link in our latency row.
+        """
+        if not any(t.can_dial(None) for t in self._transports):
+            return
+        try:
+            await self._call(key, None, self._config.dial_timeout, direct=True)
+        except (ConnectError, TimeoutError, ValueError) as exc:
+            self._log.debug("no direct link to %s (staying relayed): %s", key.short, exc)
+        else:
+            self._log.info("upgraded the link to %s from relayed to direct", key.short)
 
     # -- relays (crdtswarm.relay) ---------------------------------------------------------
 

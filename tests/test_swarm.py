@@ -582,3 +582,41 @@ async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> 
         route = a.route(b.public_key)
         assert route.latency is not None
         assert route.latency < 0.05
+
+
+async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_works() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    net = SimulatedNetwork(seed=24)
+    config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.01)
+    async with (
+        Swarm(transports=[net.transport()], config=config) as a,
+        Swarm(transports=[net.transport()], config=config) as b,
+        Swarm(transports=[net.transport()], config=config) as c,
+    ):
+        await b.call(a.public_key)
+        await b.call(c.public_key)
+        directory = a.doc("crdtswarm/directory")
+        changed = anyio.Event()
+        subscription = directory.observe(lambda _e: changed.set())
+        try:
+            with anyio.fail_after(10):
+                while a.route(c.public_key).hops != (b.public_key,):
+                    await changed.wait()
+                    changed = anyio.Event()
+                    await anyio.wait_all_tasks_blocked()
+        finally:
+            directory.unobserve(subscription)
+        events = a.events()
+        peer = await a.call(c.public_key)  # the route goes through b: relayed first
+        assert peer.remote_address.startswith("relay://")
+        with anyio.fail_after(10):  # then the background direct dial replaces it
+            while not (
+                c.public_key in a.peers
+                and not a.peers[c.public_key].remote_address.startswith("relay://")
+            ):
+                with anyio.move_on_after(0.1):  # a replaced link emits no event
+                    await anext(events)
+        stream = await a.open_stream(c.public_key, "missing")  # new streams go direct
+        assert stream is not None
