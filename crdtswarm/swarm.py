@@ -53,7 +53,7 @@ from crdtswarm.mesh import MeshConfig, MeshPolicy
 from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
-from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler
+from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler, ProbeStatistics
 from crdtswarm.protocol.routing import LinkGraph, Route, Router
 from crdtswarm.protocol.topology import elect_relays, near_candidates, nearest
 from crdtswarm.relay import PROTOCOL as RELAY_PROTOCOL
@@ -210,6 +210,9 @@ class SwarmStatistics:
     """WebRTC signal counters (sent, delivered, rejected, forwarded, via the directory)."""
     relay: RelayStatistics
     """Circuits this node relays for others (now, opened, refused, bytes)."""
+    probes: ProbeStatistics | None
+    """Latency probes of this node's links (sent, answered, lost, bytes, rows
+    published); None when probing is off (``SwarmConfig(probe=None)``)."""
 
 
 class _Subscription:
@@ -786,6 +789,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
             replication=self._replicator.statistics(),
             signals=self._signals.statistics(),
             relay=self._relay.statistics(),
+            probes=self._prober.statistics() if self._prober is not None else None,
             **self._counters,
         )
 

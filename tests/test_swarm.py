@@ -516,8 +516,10 @@ async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
         await until(lambda: (rtt() or 1.0) < 0.03)
         net.set_latency(a.public_key, b.public_key, 0.050)  # the path gets slow
         await until(lambda: (rtt() or 0.0) > 0.06)  # probes saw it; rows followed
-        assert a._prober is not None
-        assert a._prober.statistics().probes_answered >= 3
+        probes = a.statistics().probes
+        assert probes is not None
+        assert probes.probes_answered >= 3
+        assert probes.bytes_sent == probes.probes_sent * ProbeConfig().probe_size
 
 
 async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> None:
