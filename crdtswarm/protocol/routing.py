@@ -31,7 +31,15 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["LinkGraph", "Route", "Router", "RoutingConfig", "ShortestPathTree", "best_path"]
+__all__ = [
+    "LinkGraph",
+    "Route",
+    "Router",
+    "RoutingConfig",
+    "ShortestPathTree",
+    "best_path",
+    "best_paths",
+]
 
 Node = TypeVar("Node", bound=Hashable)
 
@@ -236,6 +244,37 @@ def best_path(
     return found[1], found[0]
 
 
+def best_paths(
+    graph: LinkGraph[Node], source: Node, max_relays: int
+) -> dict[Node, tuple[tuple[Node, ...], float]]:
+    """`best_path` from ``source`` to every node it can reach, in one pass.
+
+    The same bounded Bellman-Ford and the same tie-breaking as `best_path`; the
+    answer for each target equals ``best_path(graph, source, target, max_relays)``.
+    O((max_relays + 1) * E) for all targets at once.
+    """
+    adjacent, order = graph._adjacent, graph._order
+
+    def rank(weight: float, relays: tuple[Node, ...]) -> tuple[float, int, tuple[bytes, ...]]:
+        return weight, len(relays), tuple(order.get(r, b"") for r in relays)
+
+    best: dict[Node, tuple[float, tuple[Node, ...]]] = {source: (0.0, ())}
+    for _ in range(max_relays + 1):
+        following = dict(best)
+        for node, (weight, before) in best.items():
+            through = (*before, node) if node != source else ()
+            for neighbour, edge in adjacent.get(node, {}).items():
+                if neighbour == source or neighbour in through:
+                    continue
+                total = weight + edge
+                current = following.get(neighbour)
+                if current is None or rank(total, through) < rank(*current):
+                    following[neighbour] = (total, through)
+        best = following
+    del best[source]
+    return {node: (relays, weight) for node, (weight, relays) in best.items()}
+
+
 class Router(Generic[Node]):
     """Routes from one node to every other, with hysteresis (sans-IO).
 
@@ -250,6 +289,7 @@ class Router(Generic[Node]):
         self._me = me
         self._config = config or RoutingConfig()
         self._graph: LinkGraph[Node] = LinkGraph({})
+        self._paths: dict[Node, tuple[tuple[Node, ...], float]] | None = None
         self._routes: dict[Node, Route[Node]] = {}
 
     @property
@@ -260,13 +300,15 @@ class Router(Generic[Node]):
     def update(self, graph: LinkGraph[Node]) -> None:
         """Use ``graph`` from now on (routes are re-evaluated on their next `route`)."""
         self._graph = graph
+        self._paths = None  # all best paths, computed at the first `route` on this graph
 
     def route(self, target: Node) -> Route[Node]:
         """The route to ``target``: kept, switched or dropped per the class rules."""
         if target == self._me:
             return Route((), 0.0)
-        graph = self._graph
-        found = best_path(graph, self._me, target, self._config.max_relays)
+        if self._paths is None:
+            self._paths = best_paths(self._graph, self._me, self._config.max_relays)
+        found = self._paths.get(target)
         current = self._routes.get(target)
         current_cost = self._cost(current, target) if current is not None else None
         if found is None:

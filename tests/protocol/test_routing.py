@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crdtswarm.protocol.routing import LinkGraph, Route, Router, RoutingConfig, best_path
+from crdtswarm.protocol.routing import (
+    LinkGraph,
+    Route,
+    Router,
+    RoutingConfig,
+    best_path,
+    best_paths,
+)
 
 
 def order(node: int) -> bytes:
@@ -145,6 +152,16 @@ def test_best_path_matches_brute_force(rows, max_relays, data) -> None:
         return
     expected = brute_best(rows, source, target, max_relays)
     assert found == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(symmetric_rows(), st.integers(0, 3), st.data())
+def test_best_paths_to_every_target_match_brute_force(rows, max_relays, data) -> None:
+    source = data.draw(st.sampled_from(sorted(rows)))
+    found = best_paths(graph(rows), source, max_relays)
+    for target in rows:
+        if target != source:
+            assert found.get(target) == brute_best(rows, source, target, max_relays)
 
 
 def test_a_relay_is_used_only_when_clearly_better() -> None:
