@@ -362,6 +362,7 @@ class ProbeScheduler(Generic[Link]):
         self._config = config or ProbeConfig()
         self._rng = rng if rng is not None else random.Random()
         self._links: dict[Link, LinkProbe] = {}
+        self._row_cache: dict[Link, float] | None = None
         self._probes: dict[int, _Probe[Link]] = {}
         self._in_flight: dict[Link, int] = {}  # link -> probes awaiting an answer in time
         self._deadlines: list[tuple[float, int]] = []  # heap: (deadline or forget time, id)
@@ -391,11 +392,13 @@ class ProbeScheduler(Generic[Link]):
         """Start measuring ``link``; its first probe is due at once (no-op if known)."""
         if link not in self._links:
             self._links[link] = LinkProbe(self._config, now, self._rng)
+            self._row_cache = None
 
     def remove_link(self, link: Link, now: float) -> None:
         """Stop measuring ``link`` (no-op if unknown); answers to its probes are ignored."""
         if self._links.pop(link, None) is None:
             return
+        self._row_cache = None
         self._in_flight.pop(link, None)
         for probe_id in [i for i, p in self._probes.items() if p.link == link]:
             del self._probes[probe_id]
@@ -472,10 +475,12 @@ class ProbeScheduler(Generic[Link]):
         if sent.timed_out:
             self._counters.late += 1
             probe.answered(rtt, now, in_time=False)
+            self._row_cache = None
         else:
             self._counters.answered += 1
             self._release(sent.link)
             probe.answered(rtt, now)
+            self._row_cache = None
         return rtt
 
     def handle_timer(self, now: float) -> None:
@@ -492,6 +497,7 @@ class ProbeScheduler(Generic[Link]):
             self._counters.lost += 1
             self._release(sent.link)
             self._links[sent.link].lost(now)
+            self._row_cache = None
             heapq.heappush(self._deadlines, (now + self._config.max_timeout, probe_id))
 
     def get_timer(self) -> float | None:
@@ -574,11 +580,14 @@ class ProbeScheduler(Generic[Link]):
             self._in_flight.pop(link, None)
 
     def _row(self) -> dict[Link, float]:
-        return {
-            link: quantise(probe.srtt)
-            for link, probe in self._links.items()
-            if probe.srtt is not None and not probe.is_down and not probe.is_lossy
-        }
+        """The current row (cached until a link is added, removed, answered or lost)."""
+        if self._row_cache is None:
+            self._row_cache = {
+                link: quantise(probe.srtt)
+                for link, probe in self._links.items()
+                if probe.srtt is not None and not probe.is_down and not probe.is_lossy
+            }
+        return self._row_cache
 
     def _is_significant(self, row: dict[Link, float]) -> bool:
         published = self._published

@@ -268,7 +268,11 @@ def best_paths(
                     continue
                 total = weight + edge
                 current = following.get(neighbour)
-                if current is None or rank(total, through) < rank(*current):
+                if (
+                    current is None
+                    or total < current[0]
+                    or (total == current[0] and rank(total, through) < rank(*current))
+                ):
                     following[neighbour] = (total, through)
         best = following
     del best[source]
