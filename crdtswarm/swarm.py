@@ -496,7 +496,13 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 if isinstance(event, MemberLeft):
                     self._mesh.forget([event.public_key])
             self._signals.poll_directory()
-            rows = directory.latency_rows()
+            # a member that left takes its row with it: routes avoid it at once
+            members = directory.members
+            rows = {
+                author: row
+                for author, row in directory.latency_rows().items()
+                if author in members or author == self.public_key
+            }
             if rows != self._rows:  # the link graph changed: route updates along the new one
                 self._rows = rows
                 self._replicator.set_link_rows(rows)

@@ -583,7 +583,7 @@ async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> 
         await until(lambda: a.route(b.public_key).hops == (hub.public_key,), 10)
         route = a.route(b.public_key)
         assert route.latency is not None
-        assert route.latency < 0.05
+        assert route.latency < 0.2  # 10 ms nominal; any path avoiding the hub costs >= 0.2 s
 
 
 async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_works() -> None:
