@@ -622,3 +622,39 @@ async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_w
                     await anext(events)
         stream = await a.open_stream(c.public_key, "missing")  # new streams go direct
         assert stream is not None
+
+
+async def test_routes_drop_a_relay_as_soon_as_it_leaves_the_directory() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    net = SimulatedNetwork(seed=25)
+    # rows are republished at most once a minute: only b's leaving can clear the route
+    config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=60)
+    async with (
+        Swarm(transports=[net.transport()], config=config) as a,
+        Swarm(transports=[net.transport()], config=config) as c,
+    ):
+        directory = a.doc("crdtswarm/directory")
+        changed = anyio.Event()
+
+        def notify(_event: object) -> None:
+            changed.set()
+
+        async def until(condition: Callable[[], bool]) -> None:
+            nonlocal changed
+            with anyio.fail_after(10):
+                while not condition():
+                    await changed.wait()
+                    changed = anyio.Event()
+                    await anyio.wait_all_tasks_blocked()
+
+        subscription = directory.observe(notify)
+        try:
+            async with Swarm(transports=[net.transport()], config=config) as b:
+                await b.call(a.public_key)
+                await b.call(c.public_key)
+                await until(lambda: a.route(c.public_key).hops == (b.public_key,))
+            await until(lambda: a.route(c.public_key).latency is None)
+        finally:
+            directory.unobserve(subscription)
