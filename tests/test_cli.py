@@ -20,14 +20,6 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_moves_data_and_exits_zero() -> None:
-    result = run("demo", "--bytes", "300000")
-    assert result.returncode == 0, result.stderr
-    assert "identity verified" in result.stdout
-    assert "checksum matches" in result.stdout
-    assert "both nodes shut down cleanly" in result.stdout
-
-
 def test_key_generate_then_show(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     generated = run("key", "generate", str(path))

@@ -57,9 +57,13 @@ def key_show(path: str) -> None:
 
 def _register() -> None:
     # Imported here so that `crdtswarm key show` does not pay for aiortc & co.
-    from crdtswarm.cli import demo
+    from crdtswarm.cli import bench, demo, doc, node, signal_server
 
     demo.register(cli)
+    bench.register(cli)
+    node.register(cli)
+    doc.register(cli)
+    signal_server.register(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,99 +1,159 @@
-"""The ``crdtswarm`` command line.
+"""``crdtswarm demo``: a swarm forms, edits a shared document, loses a node and carries on.
 
-``crdtswarm demo`` runs a short smoke run: two nodes on loopback TCP link, prove
-their identities, ping, and move data over an encrypted substream, printing what
-happens. ``crdtswarm key generate PATH`` / ``crdtswarm key show PATH`` manage
-identity files.
+The scenario lives in `crdtswarm.cli.scenario`, its look in `crdtswarm.cli.dashboard`.
+On a terminal the demo is a live view (rich); otherwise it prints timestamped
+lines. Either way it ends with a summary table, exit status 0, or 1 and one error
+line when a phase did not complete in time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
+import functools
+import json
+import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import click
+from rich.console import Console
+from rich.live import Live
 
-from crdtswarm.swarm import PeerConnected, Swarm
-from crdtswarm.transport.tcp import TcpTransport
+from crdtswarm.cli.app import CliError
+from crdtswarm.cli.dashboard import plain_line, render_live, summary_table
+from crdtswarm.cli.scenario import TRANSPORTS, DemoConfig, DemoScenario
+from crdtswarm.cli.terminal import is_live
 
 if TYPE_CHECKING:
-    from crdtswarm.identity import PublicKey
-    from crdtswarm.mux import MuxStream
+    from crdtswarm.cli.reports import DemoSummary
 
-__all__ = ["register"]
+__all__ = ["demo", "register", "run_demo"]
 
-
-def _say(message: str) -> None:
-    print(message, flush=True)
+_REFRESH_INTERVAL = 0.25  # seconds between two frames of the live view
 
 
-async def _demo(size: int) -> int:
-    payload = bytes(i % 251 for i in range(size))
-    digest = hashlib.blake2b(payload).hexdigest()[:16]
+async def run_demo(config: DemoConfig, console: Console, *, live: bool) -> DemoSummary:
+    """Run the demo scenario, shown live on ``console`` or as plain lines; return its summary.
 
-    async def echo_sum(stream: MuxStream, remote: PublicKey) -> None:
-        hasher = hashlib.blake2b()
-        received = 0
-        while True:
-            try:
-                chunk = await stream.receive()
-            except anyio.EndOfStream:
-                break
-            hasher.update(chunk)
-            received += len(chunk)
-        await stream.send(f"{received} {hasher.hexdigest()[:16]}".encode())
+    Raises:
+        OSError: a node or the signaling server could not start.
+    """
+    if not live:
 
-    async with (
-        Swarm(transports=[TcpTransport("127.0.0.1", 0)]) as node1,
-        Swarm(transports=[TcpTransport("127.0.0.1", 0)]) as node2,
-    ):
-        _say(f"node1 {node1.public_key.short}… listening at {', '.join(node1.addresses)}")
-        _say(f"node2 {node2.public_key.short}… listening at {', '.join(node2.addresses)}")
-        node1.handle("checksum", echo_sum)
-        events = node1.events()
-        start = time.perf_counter()
-        peer = await node2.call(node1.public_key, node1.addresses[0], timeout=10)
-        linked = time.perf_counter() - start
-        event = await anext(events)
-        assert isinstance(event, PeerConnected)
-        _say(
-            f"node2 called node1: Noise XX handshake done, identity verified "
-            f"({linked * 1000:.1f} ms); node1 saw {type(event).__name__} "
-            f"{event.public_key.short}…"
-        )
-        rtts = [await peer.ping() for _ in range(5)]
-        smoothed = peer.rtt if peer.rtt is not None else min(rtts)
-        _say(f"ping node2 -> node1: {min(rtts) * 1000:.2f} ms (smoothed {smoothed * 1000:.2f} ms)")
-        stream = await node2.open_stream(node1.public_key, "checksum")
-        start = time.perf_counter()
-        for offset in range(0, len(payload), 65536):
-            await stream.send(payload[offset : offset + 65536])
-        await stream.send_eof()
-        answer = (await stream.receive()).decode()
-        elapsed = time.perf_counter() - start
-        await stream.aclose()
-        received, their_digest = answer.split()
-        ok = int(received) == size and their_digest == digest
-        _say(
-            f"sent {size / 1e6:.1f} MB on an encrypted substream in {elapsed * 1000:.0f} ms "
-            f"({size / elapsed / 1e6:.0f} MB/s); node1 received {int(received) / 1e6:.1f} MB, "
-            f"checksum {'matches' if ok else 'DIFFERS'}"
-        )
-        stats = peer.statistics()
-        _say(f"link: {stats.transport} {stats.remote_address}, {stats.bytes_sent} bytes sent")
-    _say("both nodes shut down cleanly" if ok else "FAILED: data did not arrive intact")
-    return 0 if ok else 1
+        def say(elapsed: float, text: str) -> None:
+            print(plain_line(elapsed, text), flush=True)
+
+        return await DemoScenario(config, on_log=say).run()
+
+    scenario = DemoScenario(config)
+    with Live(console=console, auto_refresh=False, transient=False) as view:
+
+        async def refresh() -> None:
+            while True:
+                view.update(render_live(scenario.snapshot()), refresh=True)
+                await anyio.sleep(_REFRESH_INTERVAL)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(refresh)
+            summary = await scenario.run()
+            tg.cancel_scope.cancel()
+        view.update(render_live(scenario.snapshot()), refresh=True)
+    return summary
 
 
-@click.command("demo")
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside nested single-error groups (task groups wrap what they raise)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+@click.command("demo", short_help="Watch a swarm join, edit, lose a node.")
 @click.option(
-    "--bytes", "size", type=int, default=16 * 1024 * 1024, show_default=True, help="Bytes to send."
+    "--nodes",
+    "node_count",
+    type=click.IntRange(3, 32),
+    default=5,
+    show_default=True,
+    help="Nodes to start (3 to 32); one of them is killed half-way. They all run in this "
+    "process: beyond about 10 the CPU, not the network, sets the pace.",
 )
-def demo(size: int) -> int:
-    """Two nodes on loopback TCP: link, ping, and move data over an encrypted substream."""
-    return anyio.run(_demo, size)
+@click.option(
+    "--transport",
+    type=click.Choice(TRANSPORTS),
+    default="webrtc",
+    show_default=True,
+    help="webrtc: WebRTC data channels on this machine, offers through an embedded "
+    "signaling server; tcp: loopback TCP, newcomers call a member's address; sim: the "
+    "in-process simulated network, with latencies and blocked pairs, so that some "
+    "routes go through relays (and fail over when one is killed).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="Seconds the demo runs: the phases go as fast as their conditions are met, a "
+    "node is killed half-way, and one edit a second is timed in between. 0: run the "
+    "phases back to back.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds any one phase (a join, the mesh, a convergence, a failover) may take "
+    "before the demo fails.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed of the random choices: who calls whom, who edits, which node is killed; "
+    "with sim also the keys, latencies and blocked pairs. Default: a random seed, "
+    "shown in the summary.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the summary to this file as JSON.",
+)
+def demo(
+    node_count: int,
+    transport: str,
+    duration: float,
+    timeout: float,
+    seed: int | None,
+    json_path: Path | None,
+) -> None:
+    """Start a swarm on this machine and show it live: joins, links, RTTs, routes, edits.
+
+    An embedded signaling server (webrtc) and N nodes start; each newcomer calls one
+    member and meets the others through the swarm. Several nodes edit a shared
+    document, one node is killed and the others carry on. Ends with a summary of
+    what was measured; exit status 1 when something did not join or converge.
+    """
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
+    config = DemoConfig(
+        transport=transport, nodes=node_count, duration=duration, timeout=timeout, seed=seed
+    )
+    console = Console()
+    try:
+        summary = anyio.run(functools.partial(run_demo, live=is_live(console)), config, console)
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+    console.print(summary_table(summary))
+    if json_path is not None:
+        try:
+            json_path.write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"cannot write {json_path}: {exc.strerror or exc}") from exc
+    if not summary.ok:
+        raise CliError(f"demo failed: {summary.failure}")
 
 
 def register(group: click.Group) -> None:
