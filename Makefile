@@ -34,7 +34,7 @@ test: lint $(NODE_DEPS)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.stream_throughput
+	$(BIN)/crdtswarm bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/interop/node_modules
