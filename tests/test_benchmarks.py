@@ -101,8 +101,17 @@ def test_routing_smoke() -> None:
         assert {(row["mesh"], row["n"]) for row in results} == {
             ("random", 30),
             ("near+random", 30),
+            ("latency", 30),
         }, name
+    quality = {row["mesh"]: row for row in by_name["routing_quality"]}
+    # the latency mesh's hubs and near links give shorter routes than a random mesh
+    assert quality["latency"]["route_mean_ms"] < quality["random"]["route_mean_ms"]
+    assert quality["latency"]["mean_degree"] > quality["random"]["mean_degree"]
     for row in by_name["routing_quality"]:
+        if row["share_no_route"] == 0:  # (talk is over all pairs, route over routed ones)
+            # talking (direct link dialled too) is never worse than the route alone
+            assert row["talk_mean_ms"] <= row["route_mean_ms"]
+        assert row["stretch_talk_vs_onehop_opt_median"] > 0
         # the Router sees the mesh's own links: it can match, never beat, the optimum
         assert row["stretch_vs_mesh_opt_median"] >= 1.0
         assert row["route_mean_ms"] >= row["mesh_opt_mean_ms"] > 0
