@@ -35,7 +35,7 @@ from crdtswarm.errors import ErrorCode, RpcError, SyncError
 from crdtswarm.sync.protocol import validate_state_vector
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from crdtswarm.identity import PublicKey
     from crdtswarm.peer import Peer
@@ -57,6 +57,8 @@ DEFAULT_MAP: Final = "data"
 """The root-level map of a document that ``doc get|set`` read and write."""
 METHOD: Final = "cli.doc-sync"
 """The RPC method served by ``crdtswarm node`` (see the module docstring)."""
+CATCH_UP_TIMEOUT: Final = 5.0
+"""Seconds a node spends fetching a document it just opened from its peers."""
 SERVE_TIMEOUT: Final = 60.0
 """Seconds a node waits for a caller's changes to arrive before answering TIMEOUT."""
 _MAX_STATE_SIZE: Final = 256 * 1024  # bytes of a state vector in a request (~20k clients)
@@ -147,8 +149,16 @@ class DocService:
             `crdtswarm.swarm.Swarm.doc` does; raises ValueError for a bad name.
     """
 
-    def __init__(self, open_doc: Callable[[str], pycrdt.Doc[Any]]) -> None:
+    def __init__(
+        self,
+        open_doc: Callable[[str], pycrdt.Doc[Any]],
+        peers: Callable[[], Iterable[Peer]] = tuple,
+        *,
+        opened: Iterable[str] = (),
+    ) -> None:
         self._open_doc = open_doc
+        self._peers = peers
+        self._opened = set(opened)
 
     async def handle(self, payload: bytes, remote_key: PublicKey) -> bytes:
         """Answer one request (see the module docstring).
@@ -162,6 +172,9 @@ class DocService:
             doc = self._open_doc(request["doc"])
         except ValueError as exc:
             raise RpcError(ErrorCode.PROTOCOL_ERROR, str(exc)[:200]) from None
+        if request["doc"] not in self._opened:  # just opened: catch up with our peers first
+            self._opened.add(request["doc"])
+            await self._catch_up(request["doc"], doc, remote_key)
         with anyio.move_on_after(SERVE_TIMEOUT) as scope:
             await wait_covers(doc, request["state"])
         if scope.cancelled_caught:
@@ -170,6 +183,21 @@ class DocService:
                 f"the changes of {remote_key.short} did not arrive in {SERVE_TIMEOUT:g} s",
             )
         return _encode({"state": base64.b64encode(doc.get_state()).decode()})
+
+    async def _catch_up(self, name: str, doc: pycrdt.Doc[Any], caller: PublicKey) -> None:
+        """Wait (at most `CATCH_UP_TIMEOUT`) until ``doc`` holds what our peers hold."""
+
+        async def one(peer: Peer) -> None:
+            try:
+                await sync_with(peer, name, doc, timeout=CATCH_UP_TIMEOUT, wait_here=True)
+            except (RpcError, ValueError, anyio.BrokenResourceError, TimeoutError) as exc:
+                logger.debug("no catch-up of %r with %s: %s", name, peer.public_key.short, exc)
+
+        with anyio.move_on_after(CATCH_UP_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for peer in self._peers():
+                    if peer.public_key != caller:
+                        tg.start_soon(one, peer)
 
 
 async def sync_with(

@@ -151,6 +151,7 @@ def load_identity(path: str | None, *, create: bool) -> tuple[Identity | None, b
         raise CliError(f"cannot read identity file {file}: {exc.strerror or exc}") from None
     identity = Identity.generate()
     try:
+        Path(file).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         identity.save(file)
     except OSError as exc:
         raise CliError(f"cannot create identity file {file}: {exc.strerror or exc}") from None

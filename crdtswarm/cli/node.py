@@ -202,7 +202,8 @@ async def _serve(
         try:
             for name in settings.docs:
                 docs.open(name)
-            swarm.handle_rpc(METHOD, DocService(docs.open).handle)
+            service = DocService(docs.open, lambda: swarm.peers.values(), opened=settings.docs)
+            swarm.handle_rpc(METHOD, service.handle)
             await _join_all(swarm, settings)
             peers, members = len(swarm.peers), len(swarm.members)
             say(f"ready ({_count(peers, 'peer', 'peers')}, {_count(members, 'member', 'members')})")

@@ -107,6 +107,24 @@ def test_two_nodes_link_share_a_doc_and_stop_cleanly(spawn: Spawn) -> None:
     assert "Traceback" not in "\n".join(first.stderr_lines + second.stderr_lines)
 
 
+def test_a_node_that_never_opened_the_doc_answers_with_what_the_swarm_holds(
+    spawn: Spawn,
+) -> None:
+    first, key1, address1 = start_node(spawn)  # neither node opens "notes" by itself
+    second = spawn("node", "--join", f"{key1}@{address1}")
+    key2 = second.field(r"key ")
+    address2 = second.field(r"address tcp://")
+    second.expect(r"ready \(1 peer,")
+    written = run("doc", "set", "--join", f"{key1}@{address1}", "notes", "greeting", "hello")
+    assert written.returncode == 0, written.stderr
+    # the second node opens "notes" for this command and fetches it from the first
+    read = run("doc", "get", "--join", f"{key2}@{address2}", "notes", "greeting")
+    assert read.returncode == 0, read.stderr
+    assert read.stdout == "hello\n"
+    assert first.stop() == 0
+    assert second.stop() == 0
+
+
 def test_a_restarted_node_has_its_key_and_documents(spawn: Spawn, tmp_path: Path) -> None:
     data = tmp_path / "node"
     identity = tmp_path / "node.key"
