@@ -193,10 +193,14 @@ def _describe(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
             out.append((measure, f"{value:,.4g} {row.get('unit', '')}".strip(), ratio))
         elif name == "routing_quality":
             stretch = (
-                f"stretch median {row.get('stretch_vs_mesh_opt_median', '?')}, "
-                f"p95 {row.get('stretch_vs_mesh_opt_p95', '?')}"
+                f"stretch median {row.get('stretch_vs_onehop_opt_median', '?')}, "
+                f"p95 {row.get('stretch_vs_onehop_opt_p95', '?')}"
             )
-            out.append((measure, stretch, "vs the best path over the mesh"))
+            out.append((measure, stretch, "vs the one-relay optimum (targets 1.05, 1.2)"))
+        elif name == "routing_traffic":
+            probe = row.get("probe_bytes_per_node_per_s", "?")
+            gossip = row.get("gossip_bytes_per_node_per_s", "?")
+            out.append((measure, f"probes {probe} B/s, rows {gossip} B/s", "per node, flooded"))
         elif name == "routing_failover":
             took = f"median {row.get('median_s', '?')} s, p95 {row.get('p95_s', '?')} s"
             out.append((measure, took, "until routes avoid a dead relay"))
