@@ -212,6 +212,20 @@ async def _probe_signaling(url: str, timeout: float) -> str | None:
     return None
 
 
+def parse_announce(text: str) -> str:
+    """Parse an ``--announce`` value, ``HOST:PORT`` or ``tcp://HOST:PORT``, into an address.
+
+    Raises:
+        CliError: if it is neither.
+    """
+    address = text if text.startswith("tcp://") else f"tcp://{text}"
+    try:
+        parse_address(address)
+    except ValueError:
+        raise CliError(f"--announce {text!r}: expected HOST:PORT, e.g. 203.0.113.5:4242") from None
+    return address
+
+
 def build_swarm(
     *,
     identity: Identity | None,
@@ -219,6 +233,7 @@ def build_swarm(
     webrtc: bool,
     stun: Sequence[str],
     signaling: Sequence[str],
+    announce: Sequence[str] = (),
     data_dir: str | None = None,
     config: SwarmConfig | None = None,
 ) -> Swarm:
@@ -228,7 +243,7 @@ def build_swarm(
         CliError: an option value the library refuses, or a data directory that
             cannot be used (not creatable, its identity or document store damaged).
     """
-    transports: list[Transport] = [TcpTransport(*listen)]
+    transports: list[Transport] = [TcpTransport(*listen, announce=announce)]
     try:
         if webrtc:
             transports.insert(0, WebRTCTransport(ice_servers=list(stun)))

@@ -5,7 +5,6 @@ Output (stdout, one line each, first word first so that scripts can grep it)::
     identity created node.key (mode 0600)    only when --identity named no file
     key <public key>                          this node's key: what others --join
     address tcp://127.0.0.1:4242              one line per address others can call
-    note: every interface; ...                after an address on 0.0.0.0 or ::
     signaling ws://127.0.0.1:8765             each signaling server that answered
     doc notes opened (2 entries)              each document opened (--doc, or asked
                                               for by ``crdtswarm doc``)
@@ -43,6 +42,7 @@ from crdtswarm.cli.launch import (
     join,
     listen_errors,
     load_identity,
+    parse_announce,
     parse_join,
     parse_listen,
     run_until_signal,
@@ -76,6 +76,8 @@ class NodeSettings:
     """Where documents (and the identity, without --identity) persist."""
     listen: tuple[str, int]
     """TCP host and port to listen on (port 0: any free port)."""
+    announce: tuple[str, ...]
+    """TCP addresses to tell others instead of the listened one (port forwarding)."""
     webrtc: bool
     """Whether to link over WebRTC too."""
     stun: tuple[str, ...]
@@ -170,6 +172,7 @@ async def run_node(settings: NodeSettings, lifetime: Lifetime) -> None:
     swarm = build_swarm(
         identity=settings.identity,
         listen=settings.listen,
+        announce=settings.announce,
         webrtc=settings.webrtc,
         stun=settings.stun,
         signaling=settings.signaling,  # all: the swarm keeps trying those that did not answer
@@ -193,9 +196,6 @@ async def _serve(
         say(f"key {swarm.public_key}")
         for address in swarm.addresses:
             say(f"address {address}")
-            if address.startswith(("tcp://0.0.0.0:", "tcp://[::]:")):
-                port = address.rsplit(":", 1)[1]
-                say(f"note: every interface; others call tcp://<this machine's IP>:{port}")
         for url in answered:
             say(f"signaling {url}")
         docs = _Docs(swarm, settings.map_name)
@@ -270,7 +270,14 @@ ADDRESS', 'disconnected SHORTKEY (REASON)', 'member joined|left SHORTKEY',
     show_default=True,
     help="TCP address to listen on; port 0 picks a free one (printed as 'address'). "
     "The default takes calls from this machine only: use 0.0.0.0:PORT on a server "
-    "(others then call tcp://<its IP>:PORT).",
+    "(the node then prints this machine's interface addresses).",
+)
+@click.option(
+    "--announce",
+    metavar="HOST:PORT",
+    multiple=True,
+    help="TCP address to tell others instead of the listened one, e.g. the public "
+    "address a router forwards to --listen (repeatable).",
 )
 @click.option(
     "--webrtc/--no-webrtc",
@@ -332,6 +339,7 @@ def node(
     identity_path: str | None,
     data_dir: str | None,
     listen: str,
+    announce: tuple[str, ...],
     webrtc: bool,
     stun: tuple[str, ...],
     signaling: tuple[str, ...],
@@ -360,6 +368,7 @@ def node(
         identity=identity,
         data_dir=data_dir,
         listen=parse_listen(listen),
+        announce=tuple(parse_announce(text) for text in announce),
         webrtc=webrtc,
         stun=stun,
         signaling=signaling,

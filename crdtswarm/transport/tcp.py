@@ -32,6 +32,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import anyio
+import ifaddr
 from anyio.abc import SocketAttribute, SocketListener
 from anyio.lowlevel import checkpoint_if_cancelled
 
@@ -40,7 +41,7 @@ from crdtswarm.transport.abc import Link, LinkAttribute, LinkHandler, Transport,
 from crdtswarm.transport.framing import FrameDecoder
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from anyio.abc import SocketStream, TaskGroup, TaskStatus
 
@@ -105,6 +106,31 @@ def parse_address(address: str) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
         raise ValueError(f"bad TCP address {address!r}: port must be 1 to 65535")
     return host, int(port_text)
+
+
+def _dialable(sockaddr: object) -> list[str]:
+    """The addresses others can dial for a bound socket address.
+
+    A wildcard (``0.0.0.0`` or ``::``) becomes this machine's interface addresses of
+    that family, loopback last (link-local IPv6 left out: it needs a scope).
+    """
+    address = _format_sockaddr(sockaddr)
+    host, port = sockaddr[0], sockaddr[1]  # type: ignore[index]
+    if host not in ("0.0.0.0", "::"):
+        return [address]
+    family = ipaddress.IPv4Address if host == "0.0.0.0" else ipaddress.IPv6Address
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            raw = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            try:
+                parsed = family(raw)
+            except ValueError:
+                continue
+            if not parsed.is_link_local and parsed not in found:
+                found.append(parsed)
+    found.sort(key=lambda a: (a.is_loopback, a.packed))
+    return [format_address(str(a), port) for a in found] or [address]
 
 
 def _format_sockaddr(sockaddr: object) -> str:
@@ -345,9 +371,13 @@ class TcpTransport(Transport):
         max_message_size: the largest message in bytes on its links, sent or accepted
             (default 1 MiB + 64).
         connect_timeout: seconds a dial may take before failing (default 10.0).
+        announce: the addresses to tell others (``"tcp://host:port"``), for example
+            a public address that a router forwards to this node. By default the
+            listened address, and for a wildcard host (``"0.0.0.0"``, ``"::"``, ``""``)
+            this machine's interface addresses with the bound port.
 
     Raises:
-        ValueError: if a number is out of range.
+        ValueError: if a number is out of range or an announced address is malformed.
     """
 
     scheme: ClassVar[str] = _SCHEME
@@ -359,7 +389,10 @@ class TcpTransport(Transport):
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         connect_timeout: float = 10.0,
+        announce: Sequence[str] = (),
     ) -> None:
+        for address in announce:
+            parse_address(address)
         if not 0 <= port < 65536:
             raise ValueError(f"port must be 0 to 65535, not {port}")
         if max_message_size < 0:
@@ -370,6 +403,7 @@ class TcpTransport(Transport):
         self._port = port
         self._max_message_size = max_message_size
         self._connect_timeout = connect_timeout
+        self._announce = list(announce)
         self._addresses: list[str] = []
         self._serving = False
         self._accepted: set[TcpLink] = set()
@@ -381,11 +415,7 @@ class TcpTransport(Transport):
 
     @property
     def addresses(self) -> list[str]:
-        """``["tcp://host:port"]`` with the bound port while serving, else empty.
-
-        The host is the one listened on: for ``"0.0.0.0"`` that is not an address
-        others can dial.
-        """
+        """Where others can dial us while serving (see ``announce``), else empty."""
         return list(self._addresses)
 
     async def serve(
@@ -409,11 +439,12 @@ class TcpTransport(Transport):
         try:
             listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
             try:
-                addresses: list[str] = []
-                for sub in listener.listeners:
-                    address = _format_sockaddr(sub.extra(SocketAttribute.local_address))
-                    if address not in addresses:
-                        addresses.append(address)
+                addresses: list[str] = list(self._announce)
+                for sub in [] if addresses else listener.listeners:
+                    bound = sub.extra(SocketAttribute.local_address)
+                    for address in _dialable(bound):
+                        if address not in addresses:
+                            addresses.append(address)
                 async with anyio.create_task_group() as task_group:
                     for sub in listener.listeners:
                         if not isinstance(sub, SocketListener):  # pragma: no cover

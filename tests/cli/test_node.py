@@ -216,8 +216,10 @@ def test_identity_files_that_cannot_be_used(tmp_path: Path) -> None:
     os.chmod(garbage, 0o600)
     assert_one_error_line(run("node", "--identity", str(garbage)), "malformed line")
 
-    nowhere = tmp_path / "no" / "such" / "dir.key"
-    assert_one_error_line(run("node", "--identity", str(nowhere)), "cannot create identity file")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    nowhere = a_file / "dir" / "node.key"  # missing directories are created, not this one
+    assert_one_error_line(run("node", "--identity", str(nowhere)), "Not a directory")
 
 
 def test_a_damaged_data_directory(tmp_path: Path) -> None:
@@ -249,6 +251,23 @@ def test_join_values() -> None:
     for bad in (f"{KEY[:-1]}x@h:1", f"{KEY}@h", f"{KEY}@h:0", f"{KEY}@h:99999", "@h:1"):
         with pytest.raises(CliError):
             parse_join(bad)
+
+
+def test_a_node_on_every_interface_prints_addresses_others_can_call(spawn: Spawn) -> None:
+    node = spawn("node", "--no-webrtc", "--listen", "0.0.0.0:0")
+    first = node.field(r"address tcp://")
+    node.expect(r"ready ")
+    assert not first.startswith("tcp://0.0.0.0")
+    assert node.stop() == 0
+
+
+def test_announced_addresses_are_printed_and_checked(spawn: Spawn) -> None:
+    node = spawn("node", "--no-webrtc", "--announce", "203.0.113.5:4242")
+    assert node.field(r"address ") == "tcp://203.0.113.5:4242"
+    assert node.stop() == 0
+    result = run("node", "--announce", "nonsense")
+    assert result.returncode == 1
+    assert "--announce 'nonsense'" in result.stderr
 
 
 def test_listen_values() -> None:

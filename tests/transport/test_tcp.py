@@ -122,6 +122,29 @@ async def test_serve_reports_the_bound_port(server: Server) -> None:
     await theirs.aclose()
 
 
+async def test_a_wildcard_listener_announces_dialable_interface_addresses(bob: Identity) -> None:
+    transport = TcpTransport("0.0.0.0")
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(transport.serve, bob.public_key, lambda link: link.aclose())
+        hosts = [parse_address(a)[0] for a in addresses]
+        assert "0.0.0.0" not in hosts
+        assert hosts[-1] == "127.0.0.1"  # loopback last: others try the real ones first
+        assert len({parse_address(a)[1] for a in addresses}) == 1  # one bound port
+        for address in addresses:  # every announced address reaches the listener
+            link = await TcpTransport().dial(bob.public_key, address)
+            await link.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def test_announced_addresses_replace_the_listened_one(bob: Identity) -> None:
+    transport = TcpTransport(announce=["tcp://203.0.113.5:4242"])
+    async with anyio.create_task_group() as tg:
+        addresses = await tg.start(transport.serve, bob.public_key, lambda link: link.aclose())
+        assert addresses == transport.addresses == ["tcp://203.0.113.5:4242"]
+        tg.cancel_scope.cancel()
+    assert transport.addresses == []
+
+
 async def test_ipv6(bob: Identity) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
@@ -266,3 +289,5 @@ def test_bad_settings() -> None:
         TcpTransport(connect_timeout=0)
     with pytest.raises(ValueError, match="max_message_size"):
         TcpTransport(max_message_size=-1)
+    with pytest.raises(ValueError, match="not a TCP address"):
+        TcpTransport(announce=["203.0.113.5:4242"])
