@@ -45,6 +45,7 @@ __all__ = [
     "RpcError",
     "RpcTimeoutError",
     "SignatureError",
+    "StoreError",
     "StreamResetError",
     "SyncError",
     "UnsupportedBackendError",
@@ -198,6 +199,10 @@ class RelayError(CrdtSwarmError):
 
 class SyncError(CrdtSwarmError):
     """Raised when a peer sends a CRDT update that cannot be applied."""
+
+
+class StoreError(CrdtSwarmError, OSError):
+    """Raised when the document store in ``data_dir`` cannot be opened (damaged or locked)."""
 
 
 class UnsupportedBackendError(CrdtSwarmError):

@@ -21,7 +21,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from crdtswarm.errors import SyncError
+from crdtswarm.errors import StoreError, SyncError
 
 if TYPE_CHECKING:
     import os
@@ -49,15 +49,24 @@ class DocStore:
     Args:
         path: the database file (created with its folder if missing).
         compact_after: rows per document that trigger a compaction on `append`.
+
+    Raises:
+        StoreError: the file cannot be opened as a document store (damaged, not a
+            database, locked).
+        OSError: its folder cannot be created.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, compact_after: int = 500) -> None:
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot open the document store {self._path}: {exc}") from exc
         self._compact_after = compact_after
         self._rows: dict[str, int] = {}
 

@@ -225,7 +225,7 @@ def test_identity_files_that_cannot_be_used(tmp_path: Path) -> None:
 def test_a_damaged_data_directory(tmp_path: Path) -> None:
     (tmp_path / "docs.sqlite3").write_bytes(b"not a database" * 100)
     result = run("node", "--data-dir", str(tmp_path))
-    assert_one_error_line(result, f"data directory {tmp_path}: document store: ")
+    assert_one_error_line(result, f"data directory {tmp_path}: cannot open the document store")
 
 
 async def test_a_node_that_does_not_serve_doc_commands() -> None:

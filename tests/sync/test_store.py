@@ -102,3 +102,13 @@ def test_a_crash_loses_nothing_that_was_acknowledged(tmp_path: Path) -> None:
     stored = doc.get("m", type=pycrdt.Map).to_py()
     assert {f"k{i}" for i in acknowledged} <= set(stored)
     store.close()
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    from crdtswarm.errors import StoreError
+
+    path = tmp_path / "docs.sqlite3"
+    path.write_bytes(b"this is not a database, it is a text file " * 100)
+    with pytest.raises(StoreError, match="cannot open the document store"):
+        DocStore(path)
+    assert isinstance(StoreError("x"), OSError)  # callers catching OSError see it too
