@@ -65,6 +65,7 @@ from crdtswarm.relay import (
     RelayTransport,
     fallback_relays,
     is_relayed,
+    parse_relay_address,
     relay_address,
 )
 from crdtswarm.rpc import PING_METHOD, RpcChannel, RpcHandler
@@ -336,6 +337,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._near_trial: list[PublicKey] = []
         self._near_tried: set[PublicKey] = set()
         self._next_election = 0.0
+        self._rerouted: dict[PublicKey, float] = {}  # peer -> when we last re-routed it
         self._router: Router[PublicKey] = Router(self.public_key)
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
@@ -507,6 +509,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 self._rows = rows
                 self._replicator.set_link_rows(rows)
                 self._router.update(LinkGraph.from_rows(rows))
+                self._reroute_relayed()
             self._mesh_wakeup.set()
 
     async def _run_links(self) -> None:
@@ -983,6 +986,45 @@ class Swarm(anyio.AsyncContextManagerMixin):
             return peer
         raise ConnectError(f"could not link to {key.short}: {error}") from error
 
+    def _reroute_relayed(self) -> None:
+        """Re-dial the relayed links we dialled whose route now goes through other relays.
+
+        The Router switches routes only to clearly better paths (hysteresis), so this
+        follows a relay that degraded or died. The new circuit replaces the old one
+        (`_keeps_existing_link`): new streams use it, streams on the old one end with
+        a reset. At most one attempt per peer every `_REROUTE_INTERVAL` seconds.
+        """
+        task_group = self._task_group
+        if task_group is None or self._closing:
+            return
+        now = anyio.current_time()
+        for key, peer in list(self._peers.items()):
+            connection = peer._connection
+            if connection is None or not peer.is_connected or not _is_relayed_peer(peer):
+                continue
+            if not connection.channel.is_initiator:
+                continue  # the end that dialled the circuit re-routes it
+            route = self._router.route(key)
+            try:
+                hops, _ = parse_relay_address(peer.remote_address or "")
+            except ValueError:
+                continue
+            if route.latency is None or not route.hops or route.hops == hops:
+                continue
+            if now - self._rerouted.get(key, -math.inf) < _REROUTE_INTERVAL:
+                continue
+            self._rerouted[key] = now
+            task_group.start_soon(self._reroute, key, route.hops)
+
+    async def _reroute(self, key: PublicKey, hops: tuple[PublicKey, ...]) -> None:
+        address = relay_address(hops, key)
+        self._log.info("re-routing %s through %s", key.short, address)
+        try:
+            with anyio.fail_after(self._config.dial_timeout):
+                await self._dial(key, address, [self._relay_transport])
+        except (ConnectError, TimeoutError, ValueError) as exc:
+            self._log.info("re-route of %s through %s failed: %s", key.short, address, exc)
+
     async def _upgrade(self, key: PublicKey) -> None:
         """After a relayed link to ``key``: try a direct one in the background.
 
@@ -1205,15 +1247,22 @@ def _is_relayed_peer(peer: Peer) -> bool:
     return connection is not None and is_relayed(connection.channel)
 
 
+_REROUTE_INTERVAL = 5.0  # seconds between two re-routes of a relayed link to one peer
+
+
 def _keeps_existing_link(peer: Peer, channel: SecureChannel) -> bool:
     """Whether a new link ``channel`` to a linked ``peer`` loses to the existing one.
 
-    A direct link beats a relayed one; between two of a kind, the one the smaller
-    key dialled wins. Both ends compute the same answer.
+    A direct link beats a relayed one; a relayed link dialled by the same end as
+    the existing relayed one replaces it (a re-route to a better path); otherwise
+    the one the smaller key dialled wins. Both ends compute the same answer.
     """
     connection = peer._connection
-    if connection is not None and is_relayed(connection.channel) != is_relayed(channel):
-        return is_relayed(channel)
+    if connection is not None and not connection.mux.is_closed:
+        if is_relayed(connection.channel) != is_relayed(channel):
+            return is_relayed(channel)
+        if is_relayed(channel) and connection.channel.is_initiator == channel.is_initiator:
+            return False
     return peer._is_preferred_link or not _is_preferred(channel)
 
 

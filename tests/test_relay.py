@@ -29,6 +29,7 @@ from crdtswarm import (
 )
 from crdtswarm.mux import MuxConnection, MuxStream
 from crdtswarm.protocol.mux import MuxConfig
+from crdtswarm.protocol.probe import ProbeConfig
 from crdtswarm.protocol.relay import (
     PROTOCOL,
     CircuitRefused,
@@ -899,3 +900,58 @@ async def test_relayed_links_stay_out_of_the_latency_rows() -> None:
         await wait_until(a, lambda: d.public_key in row())
         assert set(row()) == {b.public_key, d.public_key}
         assert c.public_key in a.peers
+
+
+async def test_a_relayed_link_follows_its_route_when_the_relay_degrades() -> None:
+    net = SimulatedNetwork(seed=31)
+    config = SwarmConfig(
+        auto_mesh=False,
+        link_publish_delay=0.01,
+        link_publish_interval=0.05,
+        probe=ProbeConfig(min_interval=0.05, max_interval=0.2),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        a, c, fast, slow = [
+            await stack.enter_async_context(Swarm(transports=[net.transport()], config=config))
+            for _ in range(4)
+        ]
+        c.handle("echo", echo)
+        net.block(a.public_key, c.public_key)
+        for relay, latency in ((fast, 0.005), (slow, 0.020)):
+            for end in (a, c):
+                net.set_latency(relay.public_key, end.public_key, latency)
+                await relay.call(end.public_key)
+        directory = a.doc("crdtswarm/directory")
+        changed = anyio.Event()
+
+        def notify(_event: object) -> None:
+            changed.set()
+
+        async def until(condition: Callable[[], bool]) -> None:
+            nonlocal changed
+            with anyio.fail_after(20):
+                while not condition():
+                    with anyio.move_on_after(0.2):
+                        await changed.wait()
+                    changed = anyio.Event()
+
+        def through(relay: Swarm) -> bool:
+            peer = a.peers.get(c.public_key)
+            return peer is not None and peer.remote_address == relay_address(
+                [relay.public_key], c.public_key
+            )
+
+        subscription = directory.observe(notify)
+        try:
+            await until(lambda: a.route(c.public_key).hops == (fast.public_key,))
+            await a.call(c.public_key)
+            assert through(fast)
+            for end in (a, c):  # the fast relay degrades: 5 ms -> 60 ms per leg
+                net.set_latency(fast.public_key, end.public_key, 0.060)
+            await until(lambda: a.route(c.public_key).hops == (slow.public_key,))
+            await until(lambda: through(slow))  # the circuit moved with the route
+        finally:
+            directory.unobserve(subscription)
+        stream = await a.open_stream(c.public_key, "echo")  # new streams use the new path
+        await stream.send(b"ping")
+        assert await stream.receive() == b"ping"
