@@ -54,7 +54,7 @@ from crdtswarm.mux import MuxConnection, MuxStream, StreamHandler
 from crdtswarm.peer import APP_PREFIX, Peer, _Connection, _is_preferred
 from crdtswarm.protocol.mux import MuxConfig
 from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler, ProbeStatistics
-from crdtswarm.protocol.routing import LinkGraph, Route, Router
+from crdtswarm.protocol.routing import LinkGraph, Route, Router, RoutingConfig
 from crdtswarm.protocol.topology import elect_relays, near_candidates, nearest
 from crdtswarm.relay import PROTOCOL as RELAY_PROTOCOL
 from crdtswarm.relay import SCHEME as RELAY_SCHEME
@@ -153,6 +153,10 @@ class SwarmConfig:
     probe: ProbeConfig | None = dataclasses.field(default_factory=ProbeConfig)
     """When and how each direct link is probed (see `crdtswarm.protocol.probe`);
     None: only one ping when a link comes up."""
+    routing: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)
+    """How routes are chosen: at most ``max_relays`` relays (2, the most a relayed
+    circuit takes; 0 turns relayed routes off), and the hysteresis a better path
+    must clear (10 ms and 10 %; see `crdtswarm.protocol.routing`)."""
     signaling_timeout: float = 5.0
     """Seconds entering a `Swarm` waits to register on a signaling server (5); it
     goes on without one after that (the client keeps trying)."""
@@ -166,10 +170,16 @@ class SwarmConfig:
     relay: RelayConfig = dataclasses.field(default_factory=RelayConfig)
     """What this node does as a relay for its peers (see `crdtswarm.relay.RelayConfig`)."""
 
+    def __post_init__(self) -> None:
+        if self.routing.max_relays > 2:
+            raise ValueError(
+                f"routing.max_relays is at most 2 (a circuit's), got {self.routing.max_relays}"
+            )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PeerConnected:
-    """A direct link to ``public_key`` came up."""
+    """A link to ``public_key`` came up (direct, or through relays: see ``remote_address``)."""
 
     public_key: PublicKey
 
@@ -273,7 +283,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
             also travel through peers and the directory, so none is required.
         swarm_key: a 32-byte pre-shared key that makes the swarm private: nodes
             without it cannot complete a handshake with nodes that have it.
-        data_dir: where the identity (and later the docs) persist; None: memory only.
+        data_dir: where the identity, the documents and the contacts persist; None:
+            memory only.
         config: tuning, see `SwarmConfig`.
     """
 
@@ -338,7 +349,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._near_tried: set[PublicKey] = set()
         self._next_election = 0.0
         self._rerouted: dict[PublicKey, float] = {}  # peer -> when we last re-routed it
-        self._router: Router[PublicKey] = Router(self.public_key)
+        self._router: Router[PublicKey] = Router(self.public_key, self._config.routing)
         self._mesh = MeshPolicy(self.public_key, self._config.mesh)
         self._stream_handlers: dict[str, AppStreamHandler] = {}
         self._signaling_client = (
@@ -831,7 +842,10 @@ class Swarm(anyio.AsyncContextManagerMixin):
     # -- events ----------------------------------------------------------------------
 
     def events(self) -> AsyncIterator[SwarmEvent]:
-        """Subscribe to `PeerConnected` / `PeerDisconnected` events from now on.
+        """Subscribe to this node's events from now on.
+
+        `PeerConnected` / `PeerDisconnected` for links, `MemberJoined` /
+        `MemberLeft` for the directory's members (others than this node).
 
         Each call returns an independent iterator with a bounded queue
         (`SwarmConfig.event_queue_size`); a subscriber that does not read loses

@@ -30,6 +30,19 @@ def test_key_generate_then_show(tmp_path: Path) -> None:
     assert PublicKey.parse(shown.stdout.strip()) == key
 
 
+def test_key_generate_never_replaces_a_key_unless_forced(tmp_path: Path) -> None:
+    path = tmp_path / "node.key"
+    first = run("key", "generate", str(path)).stdout.strip()
+    again = run("key", "generate", str(path))
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+    assert "--force" in again.stderr
+    assert run("key", "show", str(path)).stdout.strip() == first  # still the same key
+    forced = run("key", "generate", "--force", str(path))
+    assert forced.returncode == 0
+    assert forced.stdout.strip() != first
+
+
 def test_a_readable_identity_file_is_one_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     assert run("key", "generate", str(path)).returncode == 0

@@ -658,3 +658,47 @@ async def test_routes_drop_a_relay_as_soon_as_it_leaves_the_directory() -> None:
             await until(lambda: a.route(c.public_key).latency is None)
         finally:
             directory.unobserve(subscription)
+
+
+async def test_routing_config_bounds_the_relays_of_a_route() -> None:
+    from crdtswarm import SwarmConfig
+    from crdtswarm.protocol.routing import RoutingConfig
+    from crdtswarm.testing import SimulatedNetwork
+
+    with pytest.raises(ValueError, match="max_relays"):
+        SwarmConfig(routing=RoutingConfig(max_relays=3))
+    net = SimulatedNetwork(seed=26)
+    base = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.01)
+    one = SwarmConfig(
+        auto_mesh=False,
+        link_publish_delay=0.01,
+        link_publish_interval=0.01,
+        routing=RoutingConfig(max_relays=1),
+    )
+    async with (
+        Swarm(transports=[net.transport()], config=base) as a,
+        Swarm(transports=[net.transport()], config=one) as a1,
+        Swarm(transports=[net.transport()], config=base) as b,
+        Swarm(transports=[net.transport()], config=base) as c,
+        Swarm(transports=[net.transport()], config=base) as d,
+    ):
+        await b.call(a.public_key)
+        await b.call(a1.public_key)
+        await b.call(c.public_key)
+        await c.call(d.public_key)  # a, a1 -- b -- c -- d: d is two relays away
+        directory = a.doc("crdtswarm/directory")
+        changed = anyio.Event()
+        subscription = directory.observe(lambda _e: changed.set())
+        try:
+            with anyio.fail_after(10):
+                while not (
+                    a.route(d.public_key).hops == (b.public_key, c.public_key)
+                    and a1.route(c.public_key).hops == (b.public_key,)  # one relay is allowed
+                ):
+                    with anyio.move_on_after(0.2):  # a1 may see the rows a moment later
+                        await changed.wait()
+                    changed = anyio.Event()
+                    await anyio.wait_all_tasks_blocked()
+        finally:
+            directory.unobserve(subscription)
+        assert a1.route(d.public_key).latency is None  # two are not

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +42,11 @@ def key() -> None:
 
 @key.command("generate")
 @click.argument("path", type=click.Path(dir_okay=False))
-def key_generate(path: str) -> None:
+@click.option("--force", is_flag=True, help="Replace PATH if it exists (its key is lost).")
+def key_generate(path: str, force: bool) -> None:
     """Write a new identity (Ed25519 keypair) to PATH (mode 0600); print its public key."""
+    if not force and os.path.lexists(path):
+        raise CliError(f"{path} exists: not replacing it (its key would be lost); use --force")
     identity = Identity.generate()
     identity.save(path)
     click.echo(str(identity.public_key))

@@ -87,6 +87,8 @@ class JoinTarget:
 def parse_join(text: str) -> JoinTarget:
     """Parse a ``--join`` value: ``KEY``, ``KEY@host:port`` or ``KEY@tcp://host:port``.
 
+    ``KEY@webrtc://KEY`` (an address line of ``crdtswarm node``) means by key.
+
     Raises:
         CliError: the key is not a public key, or the address not a TCP address.
     """
@@ -96,6 +98,10 @@ def parse_join(text: str) -> JoinTarget:
     except ValueError as exc:
         raise CliError(f"--join {text!r}: not a public key ({exc})") from None
     if not sep:
+        return JoinTarget(key, None)
+    if address.startswith("webrtc://"):
+        if address != f"webrtc://{key}":
+            raise CliError(f"--join {text!r}: a webrtc:// address names the same key")
         return JoinTarget(key, None)
     if "://" not in address:
         address = f"tcp://{address}"

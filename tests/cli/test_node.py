@@ -248,7 +248,16 @@ def test_join_values() -> None:
     assert parse_join(f"{KEY}@127.0.0.1:4242").address == "tcp://127.0.0.1:4242"
     assert parse_join(f"{KEY}@tcp://[::1]:4242").address == "tcp://[::1]:4242"
     assert str(parse_join(f"{KEY}@h:1")) == f"{KEY[:8]}@tcp://h:1"
-    for bad in (f"{KEY[:-1]}x@h:1", f"{KEY}@h", f"{KEY}@h:0", f"{KEY}@h:99999", "@h:1"):
+    assert parse_join(f"{KEY}@webrtc://{KEY}").address is None  # a node's webrtc line
+    other = Identity.generate().public_key
+    for bad in (
+        f"{KEY[:-1]}x@h:1",
+        f"{KEY}@h",
+        f"{KEY}@h:0",
+        f"{KEY}@h:99999",
+        "@h:1",
+        f"{KEY}@webrtc://{other}",
+    ):
         with pytest.raises(CliError):
             parse_join(bad)
 
