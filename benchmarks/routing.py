@@ -682,6 +682,7 @@ def plot(curves: dict[tuple[str, int], dict[str, list[float]]], out: Path) -> bo
 
 
 def main() -> None:
+    global HUBS, NEAR, TRIALS  # the latency mesh's knobs, read by latency_mesh
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[50, 100, 490])
     parser.add_argument("--mesh", nargs="+", default=["random", "near+random", "latency"])
@@ -690,7 +691,13 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=NOISE, help="probe noise share (0.05)")
     parser.add_argument("--data", type=Path, default=DATA, help="the RTT matrix (.tsv.gz)")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--hubs", type=int, default=HUBS, help="latency mesh: relay hubs (16)")
+    parser.add_argument("--near", type=int, default=NEAR, help="latency mesh: near peers (8)")
+    parser.add_argument(
+        "--trials", type=int, default=TRIALS, help="latency mesh: near candidates tried (16)"
+    )
     args = parser.parse_args()
+    HUBS, NEAR, TRIALS = args.hubs, args.near, args.trials
     if args.quick:
         args.nodes = [30]
     for kind in args.mesh:
@@ -721,6 +728,7 @@ def main() -> None:
         "nodes": args.nodes,
         "sources": args.sources,
         "noise": args.noise,
+        "latency_mesh": {"hubs": HUBS, "near": NEAR, "trials": TRIALS},
         "python": platform.python_version(),
         "seconds": round(time.perf_counter() - started, 1),
     }
