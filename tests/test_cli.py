@@ -30,6 +30,18 @@ def test_key_generate_then_show(tmp_path: Path) -> None:
     assert PublicKey.parse(shown.stdout.strip()) == key
 
 
+def test_key_generate_creates_folders_and_reports_what_it_cannot_write(tmp_path: Path) -> None:
+    nested = tmp_path / "keys" / "node.key"
+    assert run("key", "generate", str(nested)).returncode == 0
+    assert nested.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    result = run("key", "generate", str(a_file / "node.key"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("crdtswarm: error: cannot write identity file")
+    assert "Traceback" not in result.stderr
+
+
 def test_key_generate_never_replaces_a_key_unless_forced(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     first = run("key", "generate", str(path)).stdout.strip()

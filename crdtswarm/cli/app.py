@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -48,7 +49,11 @@ def key_generate(path: str, force: bool) -> None:
     if not force and os.path.lexists(path):
         raise CliError(f"{path} exists: not replacing it (its key would be lost); use --force")
     identity = Identity.generate()
-    identity.save(path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity.save(path)
+    except OSError as exc:
+        raise CliError(f"cannot write identity file {path}: {exc.strerror or exc}") from None
     click.echo(str(identity.public_key))
 
 
