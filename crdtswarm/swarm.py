@@ -150,6 +150,10 @@ class SwarmConfig:
     dial_timeout: float = 20.0
     """Seconds a mesh dial to a member may take (default 20: over WebRTC with UDP
     blocked, ICE gathering alone waits 5 s for STUN on each side before TURN/TCP)."""
+    dial_stagger: float = 3.0
+    """Seconds a call that may use relays waits for one attempt (direct by key, or
+    through the route's relays) before it also starts the next one (3); the first
+    link up wins."""
     probe: ProbeConfig | None = dataclasses.field(default_factory=ProbeConfig)
     """When and how each direct link is probed (see `crdtswarm.protocol.probe`);
     None: only one ping when a link comes up."""
@@ -962,43 +966,97 @@ class Swarm(anyio.AsyncContextManagerMixin):
                 f"no address known for {key.short}: pass address= (one of {key.short}'s "
                 f"node.addresses) or use a transport that dials by key"
             )
-        error: BaseException | None = None
-        for transport, where in attempts:
-            self._counters["dials"] += 1
-            try:
-                link = await transport.dial(key, where)
-            except (ConnectError, OSError) as exc:
-                self._log.debug("dial %s via %s failed: %s", key.short, transport.scheme, exc)
-                self._counters["dials_failed"] += 1
-                if not isinstance(error, RemoteProtocolError):  # the node's answer says most
-                    error = exc
-                continue
-            try:
-                channel = await establish(
-                    link,
-                    self._identity,
-                    initiator=True,
-                    expected_remote=key,
-                    swarm_key=self._swarm_key,
-                    timeout=self._config.handshake_timeout,
-                )
-            except (
-                RemoteProtocolError,
-                anyio.BrokenResourceError,
-                anyio.EndOfStream,
-                anyio.ClosedResourceError,
-                OSError,
-            ) as exc:
-                self._log.info("handshake with %s failed: %s", key.short, exc)
-                self._counters["dials_failed"] += 1
-                error = exc
-                continue
-            task_group = self._require_running()
-            peer: Peer = await task_group.start(self._run_connection, channel)
-            if transport is self._relay_transport:
-                task_group.start_soon(self._upgrade, key)
-            return peer
+        errors: list[BaseException] = []
+        if relay and len(attempts) > 1:
+            peer = await self._dial_staggered(key, attempts, errors)
+            if peer is not None:
+                return peer
+        else:
+            for transport, where in attempts:
+                try:
+                    return await self._attempt(key, transport, where)
+                except _DialFailed as failed:
+                    errors.append(failed.error)
+        # the node's own answer (a handshake error) says most
+        error: BaseException | None = next(
+            (e for e in errors if isinstance(e, RemoteProtocolError)), None
+        )
+        error = error or (errors[-1] if errors else None)
         raise ConnectError(f"could not link to {key.short}: {error}") from error
+
+    async def _dial_staggered(
+        self,
+        key: PublicKey,
+        attempts: list[tuple[Transport, str | None]],
+        errors: list[BaseException],
+    ) -> Peer | None:
+        """Try ``attempts`` in order, each one started when the previous failed or stalled.
+
+        The next attempt starts after ``SwarmConfig.dial_stagger`` seconds at the
+        latest (like Happy Eyeballs): a direct attempt that hangs (WebRTC behind a
+        symmetric NAT waits for ICE to fail) does not keep the relays from being
+        tried. The first link up wins; the others are cancelled.
+        """
+        winner: Peer | None = None
+
+        async def run(transport: Transport, where: str | None, failed: anyio.Event) -> None:
+            nonlocal winner
+            try:
+                peer = await self._attempt(key, transport, where)
+            except _DialFailed as exc:
+                errors.append(exc.error)
+                failed.set()
+                return
+            except ValueError as exc:  # an address this transport refuses: not fatal here
+                errors.append(exc)
+                failed.set()
+                return
+            if winner is None:
+                winner = peer
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for transport, where in attempts:
+                failed = anyio.Event()
+                tg.start_soon(run, transport, where, failed)
+                with anyio.move_on_after(self._config.dial_stagger):
+                    await failed.wait()
+        return winner
+
+    async def _attempt(self, key: PublicKey, transport: Transport, where: str | None) -> Peer:
+        """One dial and handshake; raises `_DialFailed` with the reason."""
+        self._counters["dials"] += 1
+        try:
+            link = await transport.dial(key, where)
+        except (ConnectError, OSError) as exc:
+            self._log.debug("dial %s via %s failed: %s", key.short, transport.scheme, exc)
+            self._counters["dials_failed"] += 1
+            raise _DialFailed(exc) from exc
+        try:
+            channel = await establish(
+                link,
+                self._identity,
+                initiator=True,
+                expected_remote=key,
+                swarm_key=self._swarm_key,
+                timeout=self._config.handshake_timeout,
+            )
+        except (
+            RemoteProtocolError,
+            anyio.BrokenResourceError,
+            anyio.EndOfStream,
+            anyio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            self._log.info("handshake with %s failed: %s", key.short, exc)
+            self._counters["dials_failed"] += 1
+            raise _DialFailed(exc) from exc
+        task_group = self._require_running()
+        with anyio.CancelScope(shield=True):  # a link that is up is not thrown away
+            peer: Peer = await task_group.start(self._run_connection, channel)
+        if transport is self._relay_transport:
+            task_group.start_soon(self._upgrade, key)
+        return peer
 
     def _reroute_relayed(self) -> None:
         """Re-dial the relayed links we dialled whose route now goes through other relays.
@@ -1262,6 +1320,14 @@ def _is_relayed_peer(peer: Peer) -> bool:
 
 
 _REROUTE_INTERVAL = 5.0  # seconds between two re-routes of a relayed link to one peer
+
+
+class _DialFailed(Exception):
+    """One attempt of `Swarm._dial` failed with ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _keeps_existing_link(peer: Peer, channel: SecureChannel) -> bool:

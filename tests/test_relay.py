@@ -49,7 +49,7 @@ from crdtswarm.relay import (
 )
 from crdtswarm.secure import establish
 from crdtswarm.testing import SimulatedNetwork
-from crdtswarm.transport.abc import Link, LinkAttribute
+from crdtswarm.transport.abc import Link, LinkAttribute, Transport
 from crdtswarm.transport.memory import MemoryLink, MemoryNetwork
 
 WAIT = 5.0
@@ -955,3 +955,56 @@ async def test_a_relayed_link_follows_its_route_when_the_relay_degrades() -> Non
         stream = await a.open_stream(c.public_key, "echo")  # new streams use the new path
         await stream.send(b"ping")
         assert await stream.receive() == b"ping"
+
+
+class StallingTransport(Transport):
+    """Dials by key and never answers, like WebRTC waiting for ICE behind a symmetric NAT."""
+
+    scheme = "stall"
+
+    def __init__(self) -> None:
+        self.dials = 0
+        self.cancelled = 0
+
+    async def serve(
+        self,
+        local_key: PublicKey,
+        handler: Any,
+        *,
+        task_status: anyio.abc.TaskStatus[list[str]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started([])
+        await anyio.sleep_forever()
+
+    async def dial(self, remote_key: PublicKey, address: str | None = None) -> Link:
+        self.dials += 1
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.cancelled += 1
+        raise AssertionError("unreachable")
+
+    def can_dial(self, address: str | None) -> bool:
+        return address is None
+
+
+async def test_a_stalled_direct_dial_does_not_keep_the_relays_from_being_tried() -> None:
+    net = SimulatedNetwork(seed=32)
+    stalling = StallingTransport()
+    config = SwarmConfig(auto_mesh=False, dial_stagger=0.2)
+    async with (
+        Swarm(transports=[stalling, net.transport()], config=config) as a,
+        Swarm(transports=[net.transport()], config=config) as b,
+        Swarm(transports=[net.transport()], config=config) as c,
+    ):
+        net.block(a.public_key, c.public_key)
+        await b.call(a.public_key)
+        await b.call(c.public_key)
+        # no route known yet: by key (one attempt stalls, one is blocked), then b relays
+        with anyio.fail_after(5):
+            peer = await a.call(c.public_key, timeout=30)
+        assert peer.remote_address == relay_address([b.public_key], c.public_key)
+        # the stalled attempt of the call was cancelled when the relay won (another one,
+        # the background direct dial that follows a relayed call, may still be waiting)
+        assert stalling.dials >= 1
+        assert stalling.cancelled >= 1
