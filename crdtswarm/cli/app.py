@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,16 @@ def key_generate(path: str, force: bool) -> None:
     except OSError as exc:
         raise CliError(f"cannot write identity file {path}: {exc.strerror or exc}") from None
     click.echo(str(identity.public_key))
+
+
+@key.command("swarm")
+def key_swarm() -> None:
+    """Print a new random swarm key (64 hex digits) for a private swarm.
+
+    Give it to every node of the swarm with --swarm-key or the CRDTSWARM_SWARM_KEY
+    environment variable; nodes without it cannot link to them.
+    """
+    click.echo(secrets.token_hex(32))
 
 
 @key.command("show")

@@ -20,12 +20,15 @@ from crdtswarm.cli.app import CliError
 from crdtswarm.cli.docsync import DEFAULT_MAP, plain, sync_with
 from crdtswarm.cli.launch import (
     JOIN_HELP,
+    SWARM_KEY_ENV,
+    SWARM_KEY_HELP,
     JoinTarget,
     build_swarm,
     check_signaling,
     join,
     load_identity,
     parse_join,
+    parse_swarm_key,
     say,
     unwrapped_errors,
 )
@@ -59,6 +62,8 @@ class ClientSettings:
     """Signaling servers (to call the node by key alone)."""
     stun: tuple[str, ...]
     """STUN servers for WebRTC."""
+    swarm_key: bytes | None
+    """The private swarm's key (None: a public swarm)."""
     timeout: float
     """Seconds the call and the sync may take together."""
     map_name: str
@@ -103,6 +108,7 @@ async def _with_node(
         webrtc=bool(signaling),
         stun=settings.stun,
         signaling=signaling,
+        swarm_key=settings.swarm_key,
         config=_CLIENT_CONFIG,
     )
     async with swarm:
@@ -175,6 +181,7 @@ def _settings(
     signaling: tuple[str, ...],
     stun: tuple[str, ...],
     identity_path: str | None,
+    swarm_key: str | None,
     timeout: float,
     map_name: str,
 ) -> ClientSettings:
@@ -190,6 +197,7 @@ def _settings(
         target=target,
         signaling=signaling,
         stun=stun,
+        swarm_key=parse_swarm_key(swarm_key),
         timeout=timeout,
         map_name=map_name,
     )
@@ -226,6 +234,7 @@ def _client_options(command: Callable[..., None]) -> Callable[..., None]:
             help="Identity file to act as (see 'crdtswarm key generate'). Default: a new "
             "key for this command only.",
         ),
+        click.option("--swarm-key", metavar="HEX", envvar=SWARM_KEY_ENV, help=SWARM_KEY_HELP),
         click.option(
             "--timeout",
             metavar="SECONDS",

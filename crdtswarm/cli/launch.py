@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidURI, WebSocketException
 
 from crdtswarm.cli.app import CliError
-from crdtswarm.errors import ConnectError, IdentityMismatchError
+from crdtswarm.errors import ConnectError, HandshakeError, IdentityMismatchError
 from crdtswarm.identity import Identity, PublicKey
 from crdtswarm.signaling.server import FrameType
 from crdtswarm.swarm import Swarm, SwarmConfig
@@ -218,6 +218,31 @@ async def _probe_signaling(url: str, timeout: float) -> str | None:
     return None
 
 
+SWARM_KEY_ENV = "CRDTSWARM_SWARM_KEY"
+SWARM_KEY_HELP = (
+    "The private swarm's key: 64 hex digits (see 'crdtswarm key swarm'); nodes without "
+    f"the same key cannot link. Better in the {SWARM_KEY_ENV} environment variable than "
+    "on a command line others can see."
+)
+
+
+def parse_swarm_key(text: str | None) -> bytes | None:
+    """Parse a ``--swarm-key`` value (64 hex digits) into 32 bytes; None when not given.
+
+    Raises:
+        CliError: if it is not 64 hex digits.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise CliError("--swarm-key: expected 64 hex digits (32 bytes); see 'crdtswarm key swarm'")
+    return key
+
+
 def parse_announce(text: str) -> str:
     """Parse an ``--announce`` value, ``HOST:PORT`` or ``tcp://HOST:PORT``, into an address.
 
@@ -240,6 +265,7 @@ def build_swarm(
     stun: Sequence[str],
     signaling: Sequence[str],
     announce: Sequence[str] = (),
+    swarm_key: bytes | None = None,
     data_dir: str | None = None,
     config: SwarmConfig | None = None,
 ) -> Swarm:
@@ -257,6 +283,7 @@ def build_swarm(
             identity=identity,
             transports=transports,
             signaling=list(signaling),
+            swarm_key=swarm_key,
             data_dir=data_dir,
             config=config,
         )
@@ -308,6 +335,11 @@ async def join(swarm: Swarm, target: JoinTarget, timeout: float) -> Peer:
             raise WrongKeyError(
                 f"could not join {target}: the node at {target.address} has the key "
                 f"{cause.actual}, not {target.key.short}... (check the key in --join)"
+            ) from None
+        if isinstance(cause, HandshakeError) and "swarm key" in str(cause):
+            raise CliError(
+                f"could not join {target}: the handshake failed: wrong or missing swarm key "
+                f"(both nodes need the same --swarm-key / {SWARM_KEY_ENV})"
             ) from None
         raise CliError(f"could not join {target}: {_reason(exc)}") from None
 

@@ -35,6 +35,8 @@ from crdtswarm.cli.app import CliError
 from crdtswarm.cli.docsync import DEFAULT_MAP, METHOD, DocService, plain
 from crdtswarm.cli.launch import (
     JOIN_HELP,
+    SWARM_KEY_ENV,
+    SWARM_KEY_HELP,
     JoinTarget,
     WrongKeyError,
     build_swarm,
@@ -45,6 +47,7 @@ from crdtswarm.cli.launch import (
     parse_announce,
     parse_join,
     parse_listen,
+    parse_swarm_key,
     run_until_signal,
     say,
     unwrapped_errors,
@@ -78,6 +81,8 @@ class NodeSettings:
     """TCP host and port to listen on (port 0: any free port)."""
     announce: tuple[str, ...]
     """TCP addresses to tell others instead of the listened one (port forwarding)."""
+    swarm_key: bytes | None
+    """The private swarm's key (None: a public swarm)."""
     webrtc: bool
     """Whether to link over WebRTC too."""
     stun: tuple[str, ...]
@@ -173,6 +178,7 @@ async def run_node(settings: NodeSettings, lifetime: Lifetime) -> None:
         identity=settings.identity,
         listen=settings.listen,
         announce=settings.announce,
+        swarm_key=settings.swarm_key,
         webrtc=settings.webrtc,
         stun=settings.stun,
         signaling=settings.signaling,  # all: the swarm keeps trying those that did not answer
@@ -279,6 +285,7 @@ ADDRESS', 'disconnected SHORTKEY (REASON)', 'member joined|left SHORTKEY',
     help="TCP address to tell others instead of the listened one, e.g. the public "
     "address a router forwards to --listen (repeatable).",
 )
+@click.option("--swarm-key", metavar="HEX", envvar=SWARM_KEY_ENV, help=SWARM_KEY_HELP)
 @click.option(
     "--webrtc/--no-webrtc",
     default=True,
@@ -340,6 +347,7 @@ def node(
     data_dir: str | None,
     listen: str,
     announce: tuple[str, ...],
+    swarm_key: str | None,
     webrtc: bool,
     stun: tuple[str, ...],
     signaling: tuple[str, ...],
@@ -369,6 +377,7 @@ def node(
         data_dir=data_dir,
         listen=parse_listen(listen),
         announce=tuple(parse_announce(text) for text in announce),
+        swarm_key=parse_swarm_key(swarm_key),
         webrtc=webrtc,
         stun=stun,
         signaling=signaling,

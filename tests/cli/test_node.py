@@ -279,6 +279,30 @@ def test_announced_addresses_are_printed_and_checked(spawn: Spawn) -> None:
     assert "--announce 'nonsense'" in result.stderr
 
 
+def test_a_private_swarm_needs_its_swarm_key(spawn: Spawn) -> None:
+    made = run("key", "swarm")
+    assert made.returncode == 0
+    swarm_key = made.stdout.strip()
+    assert len(bytes.fromhex(swarm_key)) == 32
+    assert run("key", "swarm").stdout.strip() != swarm_key  # random each time
+    node, key, address = start_node(spawn, "--no-webrtc", "--swarm-key", swarm_key)
+    target = f"{key}@{address}"
+    written = run("doc", "set", "--swarm-key", swarm_key, "--join", target, "notes", "a", "b")
+    assert written.returncode == 0, written.stderr
+    assert_one_error_line(
+        run("doc", "get", "--join", target, "notes"), "wrong or missing swarm key"
+    )
+    other = run("key", "swarm").stdout.strip()
+    assert_one_error_line(
+        run("doc", "get", "--swarm-key", other, "--join", target, "notes"),
+        "wrong or missing swarm key",
+    )
+    assert_one_error_line(
+        run("doc", "get", "--swarm-key", "abc", "--join", target, "notes"), "64 hex digits"
+    )
+    assert node.stop() == 0
+
+
 def test_listen_values() -> None:
     assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_listen("0.0.0.0:4242") == ("0.0.0.0", 4242)
