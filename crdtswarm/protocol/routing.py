@@ -210,38 +210,11 @@ def best_path(
     Returns the relays in order and the path's weight, or None when no such path
     exists. Ties go to fewer relays, then to the smaller keys (bytes order), so the
     answer is deterministic. Bellman-Ford bounded to ``max_relays + 1`` edges:
-    O((max_relays + 1) * E).
+    O((max_relays + 1) * E) (see `best_paths`, which answers for every target at once).
     """
     if source == target:
         return (), 0.0
-    adjacent, order = graph._adjacent, graph._order
-
-    def rank(weight: float, relays: tuple[Node, ...]) -> tuple[float, int, tuple[bytes, ...]]:
-        return weight, len(relays), tuple(order.get(r, b"") for r in relays)
-
-    # best[node]: the cheapest way from source to node found so far, as (weight, the
-    # relays strictly between source and node)
-    best: dict[Node, tuple[float, tuple[Node, ...]]] = {source: (0.0, ())}
-    found: tuple[float, tuple[Node, ...]] | None = None
-    for _ in range(max_relays + 1):  # after round k: every path of at most k + 1 links
-        following = dict(best)
-        for node, (weight, before) in best.items():
-            through = (*before, node) if node != source else ()
-            for neighbour, edge in adjacent.get(node, {}).items():
-                if neighbour == source or neighbour in through:
-                    continue
-                total = weight + edge
-                if neighbour == target:
-                    if found is None or rank(total, through) < rank(*found):
-                        found = (total, through)
-                    continue
-                current = following.get(neighbour)
-                if current is None or rank(total, through) < rank(*current):
-                    following[neighbour] = (total, through)
-        best = following
-    if found is None:
-        return None
-    return found[1], found[0]
+    return best_paths(graph, source, max_relays).get(target)
 
 
 def best_paths(
