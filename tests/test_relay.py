@@ -48,7 +48,7 @@ from crdtswarm.relay import (
     relay_address,
 )
 from crdtswarm.secure import establish
-from crdtswarm.testing import SimulatedNetwork
+from crdtswarm.testing import SimulatedNetwork, wait_for_directory
 from crdtswarm.transport.abc import Link, LinkAttribute, Transport
 from crdtswarm.transport.memory import MemoryLink, MemoryNetwork
 
@@ -541,21 +541,7 @@ async def wait_for_route(node: Swarm, key: PublicKey, hops: tuple[PublicKey, ...
 
 async def wait_until(node: Swarm, condition: Callable[[], bool]) -> None:
     """Wait until ``condition()`` holds, checking it after each change of the directory."""
-    directory = node.doc("crdtswarm/directory")
-    changed = anyio.Event()
-
-    def on_change(_event: object) -> None:
-        changed.set()
-
-    subscription = directory.observe(on_change)
-    try:
-        with anyio.fail_after(WAIT):
-            while not condition():
-                await changed.wait()
-                changed = anyio.Event()
-                await anyio.wait_all_tasks_blocked()  # let the node take the change in
-    finally:
-        directory.unobserve(subscription)
+    await wait_for_directory(node, condition, timeout=WAIT)
 
 
 async def link(a: Swarm, b: Swarm) -> None:
@@ -921,19 +907,9 @@ async def test_a_relayed_link_follows_its_route_when_the_relay_degrades() -> Non
             for end in (a, c):
                 net.set_latency(relay.public_key, end.public_key, latency)
                 await relay.call(end.public_key)
-        directory = a.doc("crdtswarm/directory")
-        changed = anyio.Event()
-
-        def notify(_event: object) -> None:
-            changed.set()
 
         async def until(condition: Callable[[], bool]) -> None:
-            nonlocal changed
-            with anyio.fail_after(20):
-                while not condition():
-                    with anyio.move_on_after(0.2):
-                        await changed.wait()
-                    changed = anyio.Event()
+            await wait_for_directory(a, condition, timeout=20, recheck=0.2)
 
         def through(relay: Swarm) -> bool:
             peer = a.peers.get(c.public_key)
@@ -941,17 +917,13 @@ async def test_a_relayed_link_follows_its_route_when_the_relay_degrades() -> Non
                 [relay.public_key], c.public_key
             )
 
-        subscription = directory.observe(notify)
-        try:
-            await until(lambda: a.route(c.public_key).hops == (fast.public_key,))
-            await a.call(c.public_key)
-            assert through(fast)
-            for end in (a, c):  # the fast relay degrades: 5 ms -> 60 ms per leg
-                net.set_latency(fast.public_key, end.public_key, 0.060)
-            await until(lambda: a.route(c.public_key).hops == (slow.public_key,))
-            await until(lambda: through(slow))  # the circuit moved with the route
-        finally:
-            directory.unobserve(subscription)
+        await until(lambda: a.route(c.public_key).hops == (fast.public_key,))
+        await a.call(c.public_key)
+        assert through(fast)
+        for end in (a, c):  # the fast relay degrades: 5 ms -> 60 ms per leg
+            net.set_latency(fast.public_key, end.public_key, 0.060)
+        await until(lambda: a.route(c.public_key).hops == (slow.public_key,))
+        await until(lambda: through(slow))  # the circuit moved with the route
         stream = await a.open_stream(c.public_key, "echo")  # new streams use the new path
         await stream.send(b"ping")
         assert await stream.receive() == b"ping"

@@ -14,7 +14,7 @@ from crdtswarm.errors import RpcError
 from crdtswarm.protocol.signal import seal_signal
 from crdtswarm.signaling import SignalingServer
 from crdtswarm.signals import FORWARD_METHOD
-from crdtswarm.sync.directory import DOC_NAME as DIRECTORY
+from crdtswarm.testing import wait_for_directory
 from crdtswarm.transport.tcp import TcpTransport
 from crdtswarm.transport.webrtc import WebRTCTransport
 
@@ -70,20 +70,7 @@ async def test_a_newcomer_meshes_over_webrtc_after_the_servers_are_gone() -> Non
 
 async def until(condition: Callable[[], bool], node: Swarm) -> None:
     """Wait until ``condition()`` holds, re-checked on every change of the directory."""
-    changed = anyio.Event()
-
-    def notify(_event: object) -> None:
-        changed.set()
-
-    doc = node.doc(DIRECTORY)
-    subscription = doc.observe(notify)
-    try:
-        with anyio.fail_after(WAIT):
-            while not condition():
-                await changed.wait()
-                changed = anyio.Event()
-    finally:
-        doc.unobserve(subscription)
+    await wait_for_directory(node, condition, timeout=WAIT)
 
 
 async def test_signals_cross_the_directory_when_no_peer_can_forward() -> None:

@@ -26,7 +26,7 @@ from crdtswarm import (
     SwarmConfig,
     SwarmEvent,
 )
-from crdtswarm.testing import SimulatedNetwork
+from crdtswarm.testing import SimulatedNetwork, wait_for_directory
 from crdtswarm.transport.abc import Link, Transport
 from crdtswarm.transport.tcp import TcpTransport
 
@@ -457,17 +457,7 @@ async def test_route_follows_the_latency_rows() -> None:
         net.set_latency(b.public_key, c.public_key, 0.010)
         await b.call(a.public_key)
         await b.call(c.public_key)
-        directory = a.doc("crdtswarm/directory")
-        changed = anyio.Event()
-        subscription = directory.observe(lambda _e: changed.set())
-        try:
-            with anyio.fail_after(10):
-                while a.route(c.public_key).latency is None:
-                    await changed.wait()
-                    changed = anyio.Event()
-                    await anyio.wait_all_tasks_blocked()  # let the node take the change in
-        finally:
-            directory.unobserve(subscription)
+        await wait_for_directory(a, lambda: a.route(c.public_key).latency is not None, timeout=10)
         route = a.route(str(c.public_key))
         assert route.hops == (b.public_key,)
         assert 0.039 <= route.latency < 0.1  # two round trips of 20 ms
@@ -492,23 +482,9 @@ async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
     ):
         net.set_latency(a.public_key, b.public_key, 0.005)
         await a.call(b.public_key)
-        directory = a.doc("crdtswarm/directory")
 
         async def until(condition: Callable[[], bool]) -> None:
-            changed = anyio.Event()
-
-            def notify(_event: object) -> None:
-                changed.set()
-
-            subscription = directory.observe(notify)
-            try:
-                with anyio.fail_after(20):
-                    while not condition():
-                        await changed.wait()
-                        changed = anyio.Event()
-                        await anyio.wait_all_tasks_blocked()
-            finally:
-                directory.unobserve(subscription)
+            await wait_for_directory(a, condition, timeout=20)
 
         def rtt() -> float | None:
             return a.route(b.public_key).latency
@@ -558,21 +534,8 @@ async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> 
             )
 
         async def until(condition: Callable[[], bool], timeout: float) -> None:
-            directory = hub.doc("crdtswarm/directory")
-            changed = anyio.Event()
-
-            def notify(_event: object) -> None:
-                changed.set()
-
-            subscription = directory.observe(notify)
-            try:
-                with anyio.fail_after(timeout):
-                    while not condition():
-                        with anyio.move_on_after(0.2):  # elections run on their own timer
-                            await changed.wait()
-                        changed = anyio.Event()
-            finally:
-                directory.unobserve(subscription)
+            # recheck: elections run on their own timer
+            await wait_for_directory(hub, condition, timeout=timeout, recheck=0.2)
 
         await until(settled, 30)
         assert len(hub.peers) == len(others)  # a hub is never shed for being over the limit
@@ -599,17 +562,9 @@ async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_w
     ):
         await b.call(a.public_key)
         await b.call(c.public_key)
-        directory = a.doc("crdtswarm/directory")
-        changed = anyio.Event()
-        subscription = directory.observe(lambda _e: changed.set())
-        try:
-            with anyio.fail_after(10):
-                while a.route(c.public_key).hops != (b.public_key,):
-                    await changed.wait()
-                    changed = anyio.Event()
-                    await anyio.wait_all_tasks_blocked()
-        finally:
-            directory.unobserve(subscription)
+        await wait_for_directory(
+            a, lambda: a.route(c.public_key).hops == (b.public_key,), timeout=10
+        )
         events = a.events()
         peer = await a.call(c.public_key)  # the route goes through b: relayed first
         assert peer.remote_address.startswith("relay://")
@@ -635,29 +590,15 @@ async def test_routes_drop_a_relay_as_soon_as_it_leaves_the_directory() -> None:
         Swarm(transports=[net.transport()], config=config) as a,
         Swarm(transports=[net.transport()], config=config) as c,
     ):
-        directory = a.doc("crdtswarm/directory")
-        changed = anyio.Event()
-
-        def notify(_event: object) -> None:
-            changed.set()
 
         async def until(condition: Callable[[], bool]) -> None:
-            nonlocal changed
-            with anyio.fail_after(10):
-                while not condition():
-                    await changed.wait()
-                    changed = anyio.Event()
-                    await anyio.wait_all_tasks_blocked()
+            await wait_for_directory(a, condition, timeout=10)
 
-        subscription = directory.observe(notify)
-        try:
-            async with Swarm(transports=[net.transport()], config=config) as b:
-                await b.call(a.public_key)
-                await b.call(c.public_key)
-                await until(lambda: a.route(c.public_key).hops == (b.public_key,))
-            await until(lambda: a.route(c.public_key).latency is None)
-        finally:
-            directory.unobserve(subscription)
+        async with Swarm(transports=[net.transport()], config=config) as b:
+            await b.call(a.public_key)
+            await b.call(c.public_key)
+            await until(lambda: a.route(c.public_key).hops == (b.public_key,))
+        await until(lambda: a.route(c.public_key).latency is None)
 
 
 async def test_routing_config_bounds_the_relays_of_a_route() -> None:
@@ -686,19 +627,20 @@ async def test_routing_config_bounds_the_relays_of_a_route() -> None:
         await b.call(a1.public_key)
         await b.call(c.public_key)
         await c.call(d.public_key)  # a, a1 -- b -- c -- d: d is two relays away
-        directory = a.doc("crdtswarm/directory")
-        changed = anyio.Event()
-        subscription = directory.observe(lambda _e: changed.set())
-        try:
-            with anyio.fail_after(10):
-                while not (
-                    a.route(d.public_key).hops == (b.public_key, c.public_key)
-                    and a1.route(c.public_key).hops == (b.public_key,)  # one relay is allowed
-                ):
-                    with anyio.move_on_after(0.2):  # a1 may see the rows a moment later
-                        await changed.wait()
-                    changed = anyio.Event()
-                    await anyio.wait_all_tasks_blocked()
-        finally:
-            directory.unobserve(subscription)
+        await wait_for_directory(
+            a,
+            lambda: (
+                a.route(d.public_key).hops == (b.public_key, c.public_key)
+                and a1.route(c.public_key).hops == (b.public_key,)  # one relay is allowed
+            ),
+            recheck=0.2,  # a1 may see the rows a moment later than a
+        )
         assert a1.route(d.public_key).latency is None  # two are not
+
+
+async def test_wait_for_directory_times_out_when_the_condition_never_holds() -> None:
+    net = SimulatedNetwork(seed=27)
+    async with Swarm(transports=[net.transport()]) as node:
+        with pytest.raises(TimeoutError):
+            await wait_for_directory(node, lambda: False, timeout=0.2, recheck=0.05)
+        await wait_for_directory(node, lambda: node.public_key in node.members)
