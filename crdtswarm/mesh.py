@@ -163,6 +163,10 @@ class MeshPolicy:
         )
         backoff.next_try = now + backoff.interval * (0.5 + self.rng.random())
 
+    def may_dial(self, key: PublicKey, now: float) -> bool:
+        """Whether ``key`` is out of its backoff (a dial to it failed recently)."""
+        return self._backoff.get(key, _Backoff()).next_try <= now
+
     def forget(self, keys: Iterable[PublicKey]) -> None:
         """Drop the backoff state of members that left the directory."""
         for key in keys:

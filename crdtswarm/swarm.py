@@ -1102,16 +1102,21 @@ class Swarm(anyio.AsyncContextManagerMixin):
 
         When it comes up it replaces the relayed link (a direct link always wins, see
         `_keeps_existing_link`): new streams use it, streams on the relayed link end
-        with a reset, and the probes put the direct link in our latency row.
+        with a reset, and the probes put the direct link in our latency row. A failed
+        attempt backs off like the mesh's dials (`MeshPolicy.dial_failed`).
         """
         if not any(t.can_dial(None) for t in self._transports):
+            return
+        if not self._mesh.may_dial(key, anyio.current_time()):
             return
         try:
             await self._call(key, None, self._config.dial_timeout, direct=True)
         except (ConnectError, TimeoutError, ValueError) as exc:
             self._log.debug("no direct link to %s (staying relayed): %s", key.short, exc)
+            self._mesh.dial_failed(key, anyio.current_time())
         else:
             self._log.info("upgraded the link to %s from relayed to direct", key.short)
+            self._mesh.dial_succeeded(key)
 
     # -- relays (crdtswarm.relay) ---------------------------------------------------------
 

@@ -78,3 +78,24 @@ def test_a_full_node_dials_one_more_member_now_and_then() -> None:
     assert len(policy.plan(60.0, others, linked=[*linked, extra])) == 1
     off = MeshPolicy(me, MeshConfig(max_peers=3, shuffle_interval=0.0), random.Random(4))
     assert off.plan(0.0, others, linked=linked) == off.plan(1000.0, others, linked=linked) == []
+
+
+def test_may_dial_follows_the_backoff() -> None:
+    me, other = keys(2)
+    policy = MeshPolicy(me, MeshConfig(retry_interval=1.0), random.Random(1))
+    assert policy.may_dial(other, now=0.0)
+    policy.dial_failed(other, now=0.0)
+    assert not policy.may_dial(other, now=0.0)
+    assert policy.may_dial(other, now=2.0)  # backoff: 1 s * (0.5 to 1.5)
+    policy.dial_succeeded(other)
+    assert policy.may_dial(other, now=0.0)
+
+
+def test_preferred_members_are_dialled_first_beyond_max_peers() -> None:
+    me, *others = keys(12)
+    hubs = others[:2]
+    policy = MeshPolicy(me, MeshConfig(max_peers=3, max_concurrent_dials=10), random.Random(1))
+    linked = others[2:5]  # max_peers random links already
+    assert policy.plan(0.0, [me, *others], linked=linked) == []
+    chosen = policy.plan(0.0, [me, *others], linked=linked, preferred=hubs)
+    assert chosen == hubs  # the hubs, and no random link beyond max_peers
