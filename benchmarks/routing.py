@@ -670,7 +670,7 @@ def plot(curves: dict[tuple[str, int], dict[str, list[float]]], out: Path) -> bo
         ax.axvline(1.2, color="grey", linewidth=0.5)
         ax.set_xscale("log")
         ax.set_xlim(0.9, 4)
-        ax.set_xticks([1, 1.2, 1.5, 2, 3, 4], ["1", "1.2", "1.5", "2", "3", "4"])  # lines: 1.05, 1.2
+        ax.set_xticks([1, 1.2, 1.5, 2, 3, 4], ["1", "1.2", "1.5", "2", "3", "4"])
         ax.minorticks_off()
         ax.set_xlabel("stretch of crdtswarm's route (RTT / optimum)")
         ax.set_ylabel("share of pairs")
