@@ -66,7 +66,7 @@ relays adding no delay of their own):
   node's own row is not needed: it expires only after 120 s.
 * Traffic per node, in the steady state (t = 80-200 s): probe bytes (probes sent
   times ``probe_size``, request and answer) and gossip bytes: each publication is a
-  signed latency envelope (58-byte header, uvarint count, 32-byte key and uvarint
+  signed latency envelope (58-byte header, uvarint count, 8-byte key prefix and uvarint
   ms per peer, 64-byte signature; see `crdtswarm.sync.directory`) that crosses
   every mesh link once when flooded (``gossip``), or ``N - 1`` links along a
   shortest-path tree (``tree``, the replicator's route when rows are settled),
@@ -106,6 +106,7 @@ from crdtswarm.protocol.probe import ProbeConfig, ProbeScheduler
 from crdtswarm.protocol.routing import LinkGraph, Route, Router, RoutingConfig
 from crdtswarm.protocol.topology import elect_relays, near_candidates, nearest
 from crdtswarm.protocol.wire import encode_uvarint
+from crdtswarm.sync.directory import ROW_KEY_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -259,7 +260,7 @@ def gossip_delays(
 
 def envelope_size(row: dict[int, float]) -> int:
     payload = len(encode_uvarint(len(row)))
-    payload += sum(32 + len(encode_uvarint(round(v * 1000))) for v in row.values())
+    payload += sum(ROW_KEY_PREFIX + len(encode_uvarint(round(v * 1000))) for v in row.values())
     return ENVELOPE_FIXED + payload
 
 

@@ -24,8 +24,8 @@ Envelope (version 1), all integers big-endian::
     58      ...   payload, lib0 varints (crdtswarm.protocol.wire):
                   member:  uvarint n, n var-string addresses, uvarint m, m var-string transports
                   signal:  32-byte recipient key, var-bytes sealed payload
-                  latency: uvarint n, n x (32-byte peer key, uvarint milliseconds),
-                           peers in strictly ascending byte order
+                  latency: uvarint n, n x (8-byte peer key prefix, uvarint milliseconds),
+                           prefixes in strictly ascending byte order
     end-64  64    Ed25519 signature by author over b"crdtswarm-directory-v1:" + everything above
 
 A *slot* is (kind, author) for members and latency rows and (kind, author,
@@ -62,6 +62,12 @@ Rules (the invariants the tests check):
 7. Bounds. Entry sizes, signals per author, entries per container and cache slots
    are limited by `DirectoryConfig`; what exceeds them is ignored (and, except for
    valid entries that merely do not fit our cache, collected).
+8. Row keys. A latency row names each peer by the first `ROW_KEY_PREFIX` (8)
+   bytes of its key: a row of 400 peers costs 4 KB instead of 13.6 KB. Readers
+   resolve prefixes among the keys of live members and row authors, and ignore a
+   prefix that matches none or several; an author leaves out peers whose prefixes
+   collide. Making two keys share 8 bytes takes about 2^32 work, so a member can
+   only blur its own identities; matching somebody else's key takes 2^64.
 """
 
 from __future__ import annotations
@@ -115,6 +121,8 @@ _SEQ_OFFSET: Final = 34
 _RECIPIENT_OFFSET: Final = _HEADER.size
 _MIN_SIZE: Final = _HEADER.size + SIGNATURE_SIZE
 _MAX_U64: Final = (1 << 64) - 1
+ROW_KEY_PREFIX: Final = 8
+"""Bytes of a peer's key in a latency row: its first 8 (rule 8)."""
 _MAX_REJECTED: Final = 4096
 _MAX_KEY_CACHE: Final = 8192
 
@@ -149,7 +157,7 @@ class DirectoryConfig:
     max_signal_size: int = 16 * 1024
     """Largest signal envelope, in bytes (16 KiB)."""
     max_latency_size: int = 16 * 1024
-    """Largest latency envelope, in bytes (16 KiB: about 400 peers)."""
+    """Largest latency envelope, in bytes (16 KiB: about 1,600 peers)."""
     max_signals_per_author: int = 64
     """Unexpired signals one author may have at a time; more are ignored (64)."""
     max_entries_per_author: int = 256
@@ -275,7 +283,7 @@ class _Entry:
     transports: tuple[str, ...] = ()
     recipient: PublicKey | None = None
     payload: bytes = b""
-    rows: tuple[tuple[PublicKey, int], ...] = ()
+    rows: tuple[tuple[bytes, int], ...] = ()  # (peer key prefix, milliseconds)
 
 
 @dataclass(slots=True)
@@ -335,7 +343,7 @@ def _decode(raw: bytes, author: PublicKey, key_of: Callable[[bytes], PublicKey])
     transports: tuple[str, ...] = ()
     recipient: PublicKey | None = None
     payload = b""
-    rows: list[tuple[PublicKey, int]] = []
+    rows: list[tuple[bytes, int]] = []
     if kind is _Kind.MEMBER:
         addresses = _read_strings(reader, len(raw))
         transports = _read_strings(reader, len(raw))
@@ -344,14 +352,14 @@ def _decode(raw: bytes, author: PublicKey, key_of: Callable[[bytes], PublicKey])
         payload = reader.read_var_bytes(len(raw))
     else:
         count = reader.read_uvarint()
-        if count > reader.remaining // (KEY_SIZE + 1):
+        if count > reader.remaining // (ROW_KEY_PREFIX + 1):
             raise FrameError(f"{count} latency rows cannot fit in {reader.remaining} bytes")
         previous = b""
         for _ in range(count):
-            peer = reader.read_bytes(KEY_SIZE)
+            peer = reader.read_bytes(ROW_KEY_PREFIX)
             if peer <= previous:
                 raise FrameError("latency rows are not in strictly ascending key order")
-            rows.append((key_of(peer), reader.read_uvarint()))
+            rows.append((peer, reader.read_uvarint()))
             previous = peer
     if not reader.at_end():
         raise FrameError(f"{reader.remaining} trailing bytes after the payload")
@@ -381,14 +389,17 @@ def _encode_member(addresses: Sequence[str], transports: Sequence[str]) -> bytes
 
 
 def _encode_latency(rows: Mapping[PublicKey, float]) -> bytes:
-    encoded: list[tuple[bytes, int]] = []
+    """The latency payload; peers whose key prefixes collide are left out (rule 8)."""
+    by_prefix: dict[bytes, int | None] = {}
     for peer, seconds in rows.items():
         if not isinstance(peer, PublicKey):
             raise TypeError(f"latency rows are keyed by PublicKey, got {type(peer).__name__}")
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"latency must be a finite number of seconds >= 0, got {seconds}")
-        encoded.append((bytes(peer), min(round(seconds * 1000), _MAX_U64)))
-    encoded.sort()
+        prefix = bytes(peer)[:ROW_KEY_PREFIX]
+        ms = min(round(seconds * 1000), _MAX_U64)
+        by_prefix[prefix] = None if prefix in by_prefix else ms  # a collision: neither
+    encoded = sorted((p, ms) for p, ms in by_prefix.items() if ms is not None)
     parts = [encode_uvarint(len(encoded))]
     parts.extend(peer + encode_uvarint(ms) for peer, ms in encoded)
     return b"".join(parts)
@@ -522,11 +533,25 @@ class Directory:
     def latency_rows(self) -> dict[PublicKey, dict[PublicKey, float]]:
         """Unexpired latency rows: author -> peer -> seconds (1 ms resolution)."""
         now_ms = self._now_ms(None)
+        live = [
+            cached.entry
+            for (kind, _, _), cached in self._slots.items()
+            if kind in (_Kind.LATENCY, _Kind.MEMBER) and cached.entry.expires_ms > now_ms
+        ]
+        # a row names its peers by key prefix: resolve them among the keys we know
+        keys: dict[bytes, PublicKey | None] = {}
+        for key in {self._me, *(entry.author for entry in live)}:
+            prefix = bytes(key)[:ROW_KEY_PREFIX]
+            keys[prefix] = None if keys.get(prefix, key) != key else key  # None: ambiguous
         rows: dict[PublicKey, dict[PublicKey, float]] = {}
-        for (kind, _, _), cached in self._slots.items():
-            entry = cached.entry
-            if kind == _Kind.LATENCY and entry.expires_ms > now_ms:
-                rows[entry.author] = {peer: ms / 1000 for peer, ms in entry.rows}
+        for entry in live:
+            if entry.kind is _Kind.LATENCY:
+                row: dict[PublicKey, float] = {}
+                for prefix, ms in entry.rows:
+                    peer = keys.get(prefix)
+                    if peer is not None:
+                        row[peer] = ms / 1000
+                rows[entry.author] = row
         return rows
 
     def statistics(self) -> DirectoryStatistics:

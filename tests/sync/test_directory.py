@@ -512,11 +512,68 @@ def test_latency_rows_are_quantised_and_expire() -> None:
 def test_latency_rows_out_of_order_are_rejected() -> None:
     clock = Clock()
     a, reader = nodes(2, clock)
-    low, high = sorted([identity(30).public_key, identity(31).public_key])
-    rows = encode_uvarint(2) + bytes(high) + b"\x01" + bytes(low) + b"\x02"
+    low, high = sorted(bytes(identity(n).public_key)[:8] for n in (30, 31))
+    rows = encode_uvarint(2) + high + b"\x01" + low + b"\x02"
     put(reader.doc, str(a.key), seal(a.identity, LATENCY, 1, T0, T0 + 60, rows))
     reader.directory.refresh()
     assert reader.directory.latency_rows() == {}
+
+
+def test_latency_rows_name_peers_by_an_8_byte_key_prefix() -> None:
+    clock = Clock()
+    a, b = nodes(2, clock)
+    a.directory.publish_latency({b.key: 0.005})
+    latency = next(raw for raw in envelopes(a.doc, a.key) if raw[1] == LATENCY)
+    payload = latency[HEADER.size : -64]
+    assert payload == encode_uvarint(1) + bytes(b.key)[:8] + encode_uvarint(5)
+    # a thousand peers fit the default 16 KiB limit (with 32-byte keys: about 400)
+    many = {Identity.generate().public_key: 0.005 for _ in range(1000)}
+    a.directory.publish_latency(many)
+    size = len(next(raw for raw in envelopes(a.doc, a.key) if raw[1] == LATENCY))
+    assert size <= 58 + 64 + 2 + 1000 * (8 + 1)
+    assert size <= DirectoryConfig().max_latency_size
+
+
+def test_a_row_prefix_nobody_or_several_keys_match_is_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from crdtswarm.sync import directory as module
+
+    clock = Clock()
+    a, b, reader = nodes(3, clock)
+    stranger = identity(99).public_key  # never publishes anything: its prefix resolves to nobody
+    a.directory.publish_latency({b.key: 0.005, stranger: 0.007})
+    b.directory.publish_member(["tcp://b:1"], ["tcp"])
+    exchange(a.doc, b.doc, reader.doc)
+    reader.directory.refresh()
+    assert reader.directory.latency_rows() == {a.key: {b.key: 0.005}}
+
+    # with 1-byte prefixes, keys collide: a prefix matching two live keys is ambiguous
+    monkeypatch.setattr(module, "ROW_KEY_PREFIX", 1)
+    keys = [identity(n) for n in range(100, 160)]
+    first: dict[bytes, Identity] = {}
+    pair: tuple[Identity, Identity] | None = None
+    for ident in keys:
+        prefix = bytes(ident.public_key)[:1]
+        if prefix in first:
+            pair = (first[prefix], ident)
+            break
+        first[prefix] = ident
+    assert pair is not None
+    one, two = (Node(ident, clock) for ident in pair)
+    other = Node(identity(200), clock)
+    # the author leaves colliding peers out of its own row
+    other.directory.publish_latency({one.key: 0.001, two.key: 0.002, a.key: 0.003})
+    raw = next(r for r in envelopes(other.doc, other.key) if r[1] == LATENCY)
+    assert raw[HEADER.size] == 1  # one peer left: a
+    # a reader that knows both colliding keys ignores that prefix in anybody's row
+    seal_rows = encode_uvarint(1) + bytes(one.key)[:1] + b"\x05"
+    put(reader.doc, str(other.key), seal(other.identity, LATENCY, 2, T0, T0 + 60, seal_rows))
+    one.directory.publish_member(["tcp://one:1"], ["tcp"])
+    two.directory.publish_member(["tcp://two:1"], ["tcp"])
+    exchange(one.doc, two.doc, reader.doc)
+    reader.directory.refresh()
+    assert reader.directory.latency_rows().get(other.key) == {}
 
 
 # -- format, limits, lifecycle ---------------------------------------------------------------
