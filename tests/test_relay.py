@@ -980,3 +980,37 @@ async def test_a_stalled_direct_dial_does_not_keep_the_relays_from_being_tried()
         # the background direct dial that follows a relayed call, may still be waiting)
         assert stalling.dials >= 1
         assert stalling.cancelled >= 1
+
+
+async def test_a_lying_member_cannot_draw_routes_through_itself() -> None:
+    net = SimulatedNetwork(seed=33)
+    config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.05)
+    # the liar's own row machinery stays quiet after its first row: its lie stands
+    quiet = dataclasses.replace(config, link_publish_interval=60, probe=None)
+    async with contextlib.AsyncExitStack() as stack:
+        a, b, c, liar = [
+            await stack.enter_async_context(
+                Swarm(transports=[net.transport()], config=quiet if n == 3 else config)
+            )
+            for n in range(4)
+        ]
+        net.block(a.public_key, c.public_key)
+        for end in (a, c):
+            net.set_latency(b.public_key, end.public_key, 0.010)
+            await b.call(end.public_key)
+        net.set_latency(liar.public_key, a.public_key, 0.005)  # a round trip of 10 ms
+        await liar.call(a.public_key)
+        await wait_for_route(a, c.public_key, (b.public_key,))
+        # the liar claims free links to a (real, but 10 ms) and to c (none at all): taken
+        # at its word, a -> liar -> c would cost 0 against 40 ms through b
+        assert liar.directory is not None
+        liar.directory.publish_latency({a.public_key: 0.0, c.public_key: 0.0})
+        directory = a.directory
+        assert directory is not None
+        await wait_until(
+            a, lambda: directory.latency_rows().get(liar.public_key, {}).get(c.public_key) == 0.0
+        )
+        assert a.route(c.public_key).hops == (b.public_key,)  # never through the liar
+        route_to_liar = a.route(liar.public_key)
+        assert route_to_liar.latency is not None
+        assert route_to_liar.latency >= 0.009  # the edge costs the larger of the two figures
