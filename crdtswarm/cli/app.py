@@ -17,7 +17,7 @@ from crdtswarm.identity import Identity
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["CliError", "cli", "main"]
+__all__ = ["CliError", "cli", "main", "write_new_identity"]
 
 
 class CliError(click.ClickException):
@@ -49,13 +49,22 @@ def key_generate(path: str, force: bool) -> None:
     """Write a new identity (Ed25519 keypair) to PATH (mode 0600); print its public key."""
     if not force and os.path.lexists(path):
         raise CliError(f"{path} exists: not replacing it (its key would be lost); use --force")
+    click.echo(str(write_new_identity(path).public_key))
+
+
+def write_new_identity(path: str | os.PathLike[str]) -> Identity:
+    """Generate an identity and save it to ``path`` (mode 0600), creating missing folders.
+
+    Raises:
+        CliError: the file or its folder cannot be written.
+    """
     identity = Identity.generate()
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         identity.save(path)
     except OSError as exc:
         raise CliError(f"cannot write identity file {path}: {exc.strerror or exc}") from None
-    click.echo(str(identity.public_key))
+    return identity
 
 
 @key.command("swarm")

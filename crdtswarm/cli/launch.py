@@ -25,7 +25,7 @@ import click
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidURI, WebSocketException
 
-from crdtswarm.cli.app import CliError
+from crdtswarm.cli.app import CliError, write_new_identity
 from crdtswarm.errors import ConnectError, HandshakeError, IdentityMismatchError
 from crdtswarm.identity import Identity, PublicKey
 from crdtswarm.signaling.server import FrameType
@@ -155,13 +155,7 @@ def load_identity(path: str | None, *, create: bool) -> tuple[Identity | None, b
         raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot read identity file {file}: {exc.strerror or exc}") from None
-    identity = Identity.generate()
-    try:
-        Path(file).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        identity.save(file)
-    except OSError as exc:
-        raise CliError(f"cannot create identity file {file}: {exc.strerror or exc}") from None
-    return identity, True
+    return write_new_identity(file), True
 
 
 # -- starting a node -----------------------------------------------------------------------

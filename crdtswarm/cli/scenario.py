@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
     from crdtswarm.identity import PublicKey
+    from crdtswarm.peer import Peer
     from crdtswarm.swarm import SwarmEvent
     from crdtswarm.transport.abc import Transport
 
@@ -432,14 +433,10 @@ class DemoScenario:
             f"(expected round trip {expected if expected is not None else '?'} ms)"
         )
         started = self._now()
-        try:
-            peer = await source.call(c.key, timeout=self.config.timeout)
-            link_ms = ms(self._now() - started)
-            ping_ms = ms(await peer.ping(timeout=self.config.timeout))
-        except (ConnectError, TimeoutError, RpcError, anyio.BrokenResourceError) as exc:
-            raise DemoFailedError(
-                f"{a.name} could not reach {c.name} through a relay: {_why(exc)}"
-            ) from exc
+        peer, linked_at, ping_ms = await self._call_and_ping(
+            source, c.key, f"{a.name} could not reach {c.name} through a relay"
+        )
+        link_ms = ms(linked_at - started)
         address = peer.remote_address
         self._say(
             f"{a.name} called {c.name}: link through {self._via(address)} up in "
@@ -540,14 +537,10 @@ class DemoScenario:
             lambda: not through_dead_relay(),
             lambda: f"{a.name}'s link to {c.name} still goes through the dead {relay.name}",
         )
-        try:
-            peer = await source.call(c.key, timeout=self.config.timeout)
-            relink_ms = ms(self._now() - killed_at)
-            ping_ms = ms(await peer.ping(timeout=self.config.timeout))
-        except (ConnectError, TimeoutError, RpcError, anyio.BrokenResourceError) as exc:
-            raise DemoFailedError(
-                f"{a.name} could not reach {c.name} again after its relay died: {_why(exc)}"
-            ) from exc
+        peer, linked_at, ping_ms = await self._call_and_ping(
+            source, c.key, f"{a.name} could not reach {c.name} again after its relay died"
+        )
+        relink_ms = ms(linked_at - killed_at)
         address = peer.remote_address
         self._say(
             f"{a.name} called {c.name} again: through {self._via(address)} "
@@ -755,6 +748,23 @@ class DemoScenario:
                 return next(n for n in self._nodes if n.key == relays[0]), True
             return c, False
         return self._rng.choice(self._nodes), False
+
+    async def _call_and_ping(
+        self, source: Swarm, target: PublicKey, failure: str
+    ) -> tuple[Peer, float, float]:
+        """Call ``target`` from ``source`` and ping it: (peer, when linked, ping in ms).
+
+        Raises:
+            DemoFailedError: ``failure``, with the reason, when either step fails.
+        """
+        timeout = self.config.timeout
+        try:
+            peer = await source.call(target, timeout=timeout)
+            linked_at = self._now()
+            ping_ms = ms(await peer.ping(timeout=timeout))
+        except (ConnectError, TimeoutError, RpcError, anyio.BrokenResourceError) as exc:
+            raise DemoFailedError(f"{failure}: {_why(exc)}") from exc
+        return peer, linked_at, ping_ms
 
     # -- waiting ----------------------------------------------------------------------------
 
