@@ -442,8 +442,6 @@ async def test_keepalive_detects_a_dead_peer(alice: Identity, bob: Identity) -> 
 
 
 async def test_route_follows_the_latency_rows() -> None:
-    from crdtswarm import SwarmConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     net = SimulatedNetwork(seed=21)
     config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.01)
@@ -465,9 +463,7 @@ async def test_route_follows_the_latency_rows() -> None:
 
 
 async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
-    from crdtswarm import SwarmConfig
     from crdtswarm.protocol.probe import ProbeConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     net = SimulatedNetwork(seed=22)
     config = SwarmConfig(
@@ -499,10 +495,8 @@ async def test_links_are_probed_and_rows_follow_latency_changes() -> None:
 
 
 async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> None:
-    from crdtswarm import SwarmConfig
     from crdtswarm.mesh import MeshConfig
     from crdtswarm.protocol.probe import ProbeConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     net = SimulatedNetwork(seed=23)
     config = SwarmConfig(
@@ -550,8 +544,6 @@ async def test_the_latency_mesh_elects_the_relay_hub_and_routes_through_it() -> 
 
 
 async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_works() -> None:
-    from crdtswarm import SwarmConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     net = SimulatedNetwork(seed=24)
     config = SwarmConfig(auto_mesh=False, link_publish_delay=0.01, link_publish_interval=0.01)
@@ -580,8 +572,6 @@ async def test_a_relayed_link_is_upgraded_to_a_direct_one_when_the_direct_path_w
 
 
 async def test_routes_drop_a_relay_as_soon_as_it_leaves_the_directory() -> None:
-    from crdtswarm import SwarmConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     net = SimulatedNetwork(seed=25)
     # rows are republished at most once a minute: only b's leaving can clear the route
@@ -602,9 +592,7 @@ async def test_routes_drop_a_relay_as_soon_as_it_leaves_the_directory() -> None:
 
 
 async def test_routing_config_bounds_the_relays_of_a_route() -> None:
-    from crdtswarm import SwarmConfig
     from crdtswarm.protocol.routing import RoutingConfig
-    from crdtswarm.testing import SimulatedNetwork
 
     with pytest.raises(ValueError, match="max_relays"):
         SwarmConfig(routing=RoutingConfig(max_relays=3))
