@@ -346,6 +346,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         self._probe_wakeup = anyio.Event()
         self._prober: ProbeScheduler[PublicKey] | None = None
         self._rows: dict[PublicKey, dict[PublicKey, float]] = {}
+        self._graph: LinkGraph[PublicKey] = LinkGraph({})  # of _rows, for routes and hubs
         # the latency mesh (MeshConfig.relay_hubs / near_peers)
         self._hubs: list[PublicKey] = []
         self._near: list[PublicKey] = []
@@ -522,8 +523,9 @@ class Swarm(anyio.AsyncContextManagerMixin):
             }
             if rows != self._rows:  # the link graph changed: route updates along the new one
                 self._rows = rows
+                self._graph = LinkGraph.from_rows(rows)
                 self._replicator.set_link_rows(rows)
-                self._router.update(LinkGraph.from_rows(rows))
+                self._router.update(self._graph)
                 self._reroute_relayed()
             self._mesh_wakeup.set()
 
@@ -643,8 +645,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
         now = anyio.current_time()
         if now >= self._next_election:
             self._next_election = now + config.election_interval
-            graph = LinkGraph.from_rows(self._rows)
-            hubs = elect_relays(graph, config.relay_hubs, incumbents=self._hubs)
+            hubs = elect_relays(self._graph, config.relay_hubs, incumbents=self._hubs)
             self._hubs = [h for h in hubs if h in members or h == self.public_key]
             self._near, self._near_trial = [], []
             if config.near_peers:
@@ -653,6 +654,7 @@ class Swarm(anyio.AsyncContextManagerMixin):
                     k: p.rtt for k, p in direct.items() if p.rtt is not None and k not in hubs
                 }
                 self._near = nearest(measured, config.near_peers)
+                self._near_tried.intersection_update(members)  # bounded by the members
                 exclude = {*direct, *self._near_tried}
                 trial = near_candidates(self._rows, self.public_key, hubs, 1, exclude=exclude)
                 self._near_tried.update(trial)
@@ -1070,6 +1072,8 @@ class Swarm(anyio.AsyncContextManagerMixin):
         if task_group is None or self._closing:
             return
         now = anyio.current_time()
+        for gone in self._rerouted.keys() - self._peers.keys():  # bounded by the peers
+            del self._rerouted[gone]
         for key, peer in list(self._peers.items()):
             connection = peer._connection
             if connection is None or not peer.is_connected or not _is_relayed_peer(peer):
