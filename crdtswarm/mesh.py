@@ -121,7 +121,7 @@ class MeshPolicy:
             and key != self.local_key
             and key not in active
             and key not in self._dialing
-            and self._backoff.get(key, _Backoff()).next_try <= now
+            and self.may_dial(key, now)
         ][: max(room, 0)]
         self._dialing.update(first)
         room -= len(first)
@@ -142,7 +142,7 @@ class MeshPolicy:
             if key != self.local_key
             and key not in active
             and key not in self._dialing
-            and self._backoff.get(key, _Backoff()).next_try <= now
+            and self.may_dial(key, now)
         )
         self.rng.shuffle(passive)
         chosen = passive[: min(want, room)]

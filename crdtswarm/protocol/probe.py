@@ -475,12 +475,11 @@ class ProbeScheduler(Generic[Link]):
         if sent.timed_out:
             self._counters.late += 1
             probe.answered(rtt, now, in_time=False)
-            self._row_cache = None
         else:
             self._counters.answered += 1
             self._release(sent.link)
             probe.answered(rtt, now)
-            self._row_cache = None
+        self._row_cache = None
         return rtt
 
     def handle_timer(self, now: float) -> None:
